@@ -1,0 +1,244 @@
+"""Building blocks shared by both CV-VAE variants (spec sections 2.2-2.8 and 7).
+
+Each block is a small named module whose parameter names equal the official ones, so state_dict keys read like the
+architecture. The variant differences (zero vs replicate padding, GroupNorm eps, shortcut kind, attention layout)
+are constructor arguments, not subclasses.
+
+Exportability: every forward is tensor-in, tensor-out with no shape-dependent Python branching except on static
+module settings; temporal replicate padding is written as a concatenation of the edge frame, which exports to
+Slice + Concat and needs no dynamic Pad in ONNX/TensorRT.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PadMode = Literal["zeros", "replicate"]
+
+
+def repeat_edge_frames(x: torch.Tensor, front: int, back: int = 0) -> torch.Tensor:
+    """Replicate-pad the time axis (dim 2) of a B,C,T,H,W tensor by repeating its first/last frame."""
+    parts = []
+    if front:
+        parts.append(x[:, :, :1].expand(-1, -1, front, -1, -1))
+    parts.append(x)
+    if back:
+        parts.append(x[:, :, -1:].expand(-1, -1, back, -1, -1))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else x
+
+
+def pad_space(x: torch.Tensor, left: int, right: int, top: int, bottom: int, mode: PadMode) -> torch.Tensor:
+    """Pad W and H of a B,C,T,H,W tensor with zeros or by replicating the border."""
+    if not (left or right or top or bottom):
+        return x
+    if mode == "zeros":
+        return F.pad(x, (left, right, top, bottom))
+    return F.pad(x, (left, right, top, bottom, 0, 0), mode="replicate")
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D conv that sees only the past in time (spec 2.2; SD3 in 7).
+
+    Built with padding 0; ``forward`` pads H and W by ``p`` on both sides (zeros for v1, replicate for SD3) and T by
+    ``2p`` copies of frame 0 in front, so output frame t sees input frames t-2p .. t.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride=1, padding: int = 0,
+                 spatial_pad_mode: PadMode = "zeros") -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        self.custom_padding = padding
+        self.spatial_pad_mode = spatial_pad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.custom_padding
+        if p:
+            x = pad_space(x, p, p, p, p, self.spatial_pad_mode)
+            x = repeat_edge_frames(x, front=2 * p)
+        return super().forward(x)
+
+
+class Conv2dWithExtraDim(nn.Conv2d):
+    """A 2D conv applied to every frame of a B,C,T,H,W tensor (spec 2.4). The weight stays 4D."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t = x.shape[:3]
+        y = super().forward(x.transpose(1, 2).flatten(0, 1))
+        return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+def conv3d(in_channels: int, out_channels: int, kernel_size: int, *, causal: bool, pad_mode: PadMode,
+           stride=1) -> nn.Conv3d:
+    """The 3D conv of a resnet/conv_in/conv_out: causal (encoder) or symmetric (decoder), per-variant padding."""
+    padding = kernel_size // 2
+    if causal:
+        return CausalConv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                            spatial_pad_mode=pad_mode)
+    return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, padding_mode=pad_mode)
+
+
+class ResnetBlock3D(nn.Module):
+    """Half-3D residual block (spec 2.5): conv1 is 3D, conv2 is per-frame 2D; GroupNorm spans time.
+
+    The shortcut (only when widths differ) is a 5D k=1 conv named ``nin_shortcut`` for v1 and a 4D per-frame conv
+    named ``conv_shortcut`` for SD3; ``shortcut_name`` picks which.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, causal: bool, pad_mode: PadMode, eps: float,
+                 groups: int, shortcut_name: Literal["nin_shortcut", "conv_shortcut"]) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = conv3d(in_channels, out_channels, 3, causal=causal, pad_mode=pad_mode)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = Conv2dWithExtraDim(out_channels, out_channels, 3, padding=1)
+        self.shortcut_name = shortcut_name
+        if in_channels != out_channels:
+            if shortcut_name == "nin_shortcut":
+                shortcut = conv3d(in_channels, out_channels, 1, causal=causal, pad_mode=pad_mode)
+            else:
+                shortcut = Conv2dWithExtraDim(in_channels, out_channels, 1)
+            self.add_module(shortcut_name, shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = getattr(self, self.shortcut_name, None)
+        if shortcut is not None:
+            x = shortcut(x)
+        return x + h
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head exact attention over the token axis (N, L, C); softmax scale 1/sqrt(C)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def frames_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """B,C,T,H,W -> (B*T), H*W, C: one token sequence per frame."""
+    return x.transpose(1, 2).flatten(3).flatten(0, 1).transpose(1, 2)
+
+
+def tokens_to_frames(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B*T), H*W, C -> B,C,T,H,W shaped like ``like``."""
+    b, c, t, h, w = like.shape
+    return tokens.transpose(1, 2).unflatten(0, (b, t)).unflatten(3, (h, w)).transpose(1, 2)
+
+
+class SpatialAttentionV1(nn.Module):
+    """v1 mid-block attention, per frame (spec 2.8): GroupNorm, 1x1 conv q/k/v, SDPA over H*W, proj_out.
+
+    ``temporal=True`` adds the decoder's temporal attention (``norm_t``, ``q_t``, ``k_t``, ``v_t``, ``proj_out_t``):
+    the block then computes x + T(S(x)) with a single residual, as the official MemoryEfficientAttnVideoBlock does.
+    """
+
+    def __init__(self, channels: int, *, eps: float, groups: int, temporal: bool) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.temporal = temporal
+        if temporal:
+            self.norm_t = nn.LayerNorm(channels, eps=1e-5)
+            self.q_t = nn.Linear(channels, channels)
+            self.k_t = nn.Linear(channels, channels)
+            self.v_t = nn.Linear(channels, channels)
+            self.proj_out_t = nn.Linear(channels, channels)
+
+    def _spatial(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).flatten(0, 1)  # (B*T), C, H, W
+        hn = self.norm(frames)
+        q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = _attend(q, k, v).transpose(1, 2).unflatten(2, (h, w))
+        return self.proj_out(a).unflatten(0, (b, t)).transpose(1, 2)
+
+    def _temporal(self, s: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = s.shape
+        tokens = s.permute(0, 3, 4, 2, 1).flatten(0, 2)  # (B*H*W), T, C
+        n = self.norm_t(tokens)
+        u = self.proj_out_t(_attend(self.q_t(n), self.k_t(n), self.v_t(n)))
+        return u.unflatten(0, (b, h, w)).permute(0, 4, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._spatial(x)
+        if self.temporal:
+            return x + self._temporal(s)
+        return x + s
+
+
+class SpatialAttentionSD3(nn.Module):
+    """SD3 mid-block attention (spec 7): diffusers ``Attention`` with one head, per frame, plus the residual."""
+
+    def __init__(self, channels: int, *, eps: float, groups: int) -> None:
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).flatten(0, 1)
+        tokens = self.group_norm(frames).flatten(2).transpose(1, 2)
+        a = _attend(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        out = self.to_out[0](a).transpose(1, 2).unflatten(2, (h, w))
+        return x + out.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class Downsample3D(nn.Module):
+    """Halve H and W, and T when ``down_time`` (spec 2.6; SD3 in 7). Always causal in time.
+
+    v1: zero-pad right/bottom by 1, repeat frame 0 twice in front, conv k=3 padding 0 (H -> floor(H/2)).
+    SD3: a CausalConv3d with padding 1 (replicate 1 on every side spatially; H -> ceil(H/2)).
+    """
+
+    def __init__(self, channels: int, *, down_time: bool, variant: Literal["v1", "sd3"]) -> None:
+        super().__init__()
+        stride = (2, 2, 2) if down_time else (1, 2, 2)
+        self.variant = variant
+        if variant == "v1":
+            self.conv = nn.Conv3d(channels, channels, 3, stride=stride, padding=0)
+        else:
+            self.conv = CausalConv3d(channels, channels, 3, stride=stride, padding=1, spatial_pad_mode="replicate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant == "v1":
+            x = repeat_edge_frames(pad_space(x, 0, 1, 0, 1, "zeros"), front=2)
+        return self.conv(x)
+
+
+class Upsample3D(nn.Module):
+    """Double H and W (nearest), and T when ``up_time`` (spec 2.7; SD3 in 7).
+
+    The conv outputs ``n*C`` channels (n = 2 when up_time) that are interleaved into time as
+    [t0.half0, t0.half1, t1.half0, ...]; with n = 2 the first frame is dropped, so T -> 2T-1.
+    v1 pads zeros spatially and repeats the edge frames in time, then convolves with padding 0;
+    SD3 uses a replicate-padded Conv3d(padding=1).
+    """
+
+    def __init__(self, channels: int, *, up_time: bool, variant: Literal["v1", "sd3"]) -> None:
+        super().__init__()
+        self.factor = 2 if up_time else 1
+        self.variant = variant
+        out = channels * self.factor
+        if variant == "v1":
+            self.conv = nn.Conv3d(channels, out, 3, padding=0)
+        else:
+            self.conv = nn.Conv3d(channels, out, 3, padding=1, padding_mode="replicate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        if self.variant == "v1":
+            x = repeat_edge_frames(pad_space(x, 1, 1, 1, 1, "zeros"), front=1, back=1)
+        y = self.conv(x)
+        if self.factor == 1:
+            return y
+        b, _, t, h, w = y.shape
+        y = y.unflatten(1, (self.factor, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+        return y[:, :, 1:]

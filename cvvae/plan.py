@@ -1,0 +1,233 @@
+"""The one chunk/tile plan (spec sections 5, 6.2-6.5 and 12).
+
+A :class:`VideoPlan` is a pure function of the plan settings and an input shape. It lists
+
+* how the input is padded so that it has 1+4k frames and sizes that are multiples of 8 (and how to crop back);
+* the temporal chunks for encode (17 frames, sharing one frame, first latent of later chunks dropped) and decode
+  (5 latents, sharing one latent, first frame of later chunks dropped);
+* the spatial tiles along each axis with their blend overlap and crop.
+
+Every backend executes the same plan (``cvvae.tiling``), so backends agree by construction. Tile geometry is kept in
+latent cells and every pixel quantity is derived from it (x ``spatial_compress``), which keeps the output size equal to
+the input size for any setting; for settings where the official rounding is consistent (576 px / 0.2222 and
+64 px / 0.25) the tiles equal the official ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ModelConfig
+
+
+class PlanError(ValueError):
+    """Plan settings or an input shape the plan cannot handle."""
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Chunk and tile settings. ``None`` disables chunking (``chunk_frames``) or tiling (``tile_size``)."""
+
+    chunk_frames: int | None = 16
+    tile_size: int | None = 576  # pixels; the latent tile is tile_size // spatial_compress
+    tile_overlap_ratio: float = 0.2222
+    time_compress: int = 4
+    spatial_compress: int = 8
+
+    def __post_init__(self) -> None:
+        if self.chunk_frames is not None and (self.chunk_frames < self.time_compress
+                                              or self.chunk_frames % self.time_compress):
+            raise PlanError(
+                f"chunk_frames={self.chunk_frames} must be a positive multiple of {self.time_compress} "
+                "(or None for no temporal chunking)"
+            )
+        if self.tile_size is not None and self.tile_size < 2 * self.spatial_compress:
+            raise PlanError(f"tile_size={self.tile_size} px is too small; use at least {2 * self.spatial_compress}")
+        if not 0.0 <= self.tile_overlap_ratio < 1.0:
+            raise PlanError(f"tile_overlap_ratio={self.tile_overlap_ratio} must be in [0, 1)")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **overrides: Any) -> "PlanSettings":
+        base = dict(chunk_frames=cfg.chunk_frames, tile_size=cfg.tile_spatial_size,
+                    tile_overlap_ratio=cfg.tile_overlap_ratio, time_compress=cfg.time_compress,
+                    spatial_compress=cfg.spatial_compress)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def tile_latent(self) -> int | None:
+        return None if self.tile_size is None else self.tile_size // self.spatial_compress
+
+    @property
+    def tile_overlap_latent(self) -> int:
+        """Blend width in latent cells: round(latent_tile * ratio), as the official encoder computes it."""
+        return 0 if self.tile_latent is None else round(self.tile_latent * self.tile_overlap_ratio)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(chunk_frames=self.chunk_frames, tile_size=self.tile_size,
+                    tile_overlap_ratio=self.tile_overlap_ratio, time_compress=self.time_compress,
+                    spatial_compress=self.spatial_compress)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Items [start, stop) of the time axis; ``drop_first`` drops the first output item (the shared one)."""
+
+    start: int
+    stop: int
+    drop_first: bool
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class AxisTiles:
+    """Tiles along one spatial axis, in latent cells.
+
+    Tile k covers latent cells [starts[k], starts[k] + sizes[k]) (pixels x ``spatial_compress``). After blending its
+    first ``overlap`` cells with the previous tile's last ``overlap`` cells, tile k keeps its first ``keeps[k]`` cells.
+    """
+
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    overlap: int
+    keeps: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(self.keeps)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def blend_weights(overlap: int) -> list[float]:
+    """Weight of the current tile at offsets 0..overlap-1 of the overlap: k / overlap (the previous gets 1 - k/O)."""
+    return [k / overlap for k in range(overlap)]
+
+
+def split_axis(length: int, tile: int | None, overlap: int) -> AxisTiles:
+    """Tiles of ``tile`` cells every ``tile - overlap`` cells, stopping after the first that reaches the end."""
+    if length < 1:
+        raise PlanError(f"cannot tile an axis of length {length}")
+    if tile is None or length <= tile:
+        return AxisTiles((0,), (length,), 0, (length,))
+    if not 0 <= overlap < tile:
+        raise PlanError(f"tile overlap {overlap} must be smaller than the tile ({tile} latent cells)")
+    stride = tile - overlap
+    starts = [0]
+    while starts[-1] + tile < length:
+        starts.append(starts[-1] + stride)
+    sizes = tuple(min(tile, length - s) for s in starts)
+    keeps = tuple([stride] * (len(starts) - 1) + [sizes[-1]])
+    return AxisTiles(tuple(starts), sizes, overlap, keeps)
+
+
+def split_time(length: int, chunk: int | None) -> tuple[Chunk, ...]:
+    """Chunks of ``chunk + 1`` items every ``chunk`` items (consecutive chunks share one item), spec 6.2/6.3."""
+    if length < 1:
+        raise PlanError(f"cannot chunk a time axis of length {length}")
+    if chunk is None:
+        return (Chunk(0, length, False),)
+    rounds = max(1, math.ceil((length - 1) / chunk))
+    return tuple(Chunk(n * chunk, min(n * chunk + chunk + 1, length), n > 0) for n in range(rounds))
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """Everything a backend needs to encode or decode one video of a given shape."""
+
+    settings: PlanSettings
+    num_frames: int          # as given
+    height: int
+    width: int
+    padded_frames: int       # 1 + 4k >= num_frames (trailing frames repeat the last one)
+    padded_height: int       # multiple of spatial_compress >= height (bottom rows replicate the edge)
+    padded_width: int
+    encode_chunks: tuple[Chunk, ...]   # in frames
+    decode_chunks: tuple[Chunk, ...]   # in latents
+    rows: AxisTiles                    # in latent cells
+    cols: AxisTiles
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.padded_frames - 1) // self.settings.time_compress + 1
+
+    @property
+    def latent_height(self) -> int:
+        return self.padded_height // self.settings.spatial_compress
+
+    @property
+    def latent_width(self) -> int:
+        return self.padded_width // self.settings.spatial_compress
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for manifests, `cvvae info` and latent-file metadata."""
+        s = self.settings.spatial_compress
+        return {
+            "settings": self.settings.as_dict(),
+            "input": [self.num_frames, self.height, self.width],
+            "padded": [self.padded_frames, self.padded_height, self.padded_width],
+            "latent": [self.latent_frames, self.latent_height, self.latent_width],
+            "encode_chunks_frames": [[c.start, c.stop] for c in self.encode_chunks],
+            "decode_chunks_latents": [[c.start, c.stop] for c in self.decode_chunks],
+            "tile_rows_px": [[st * s, (st + sz) * s] for st, sz in zip(self.rows.starts, self.rows.sizes)],
+            "tile_cols_px": [[st * s, (st + sz) * s] for st, sz in zip(self.cols.starts, self.cols.sizes)],
+            "tile_overlap_px": self.rows.overlap * s if len(self.rows) > 1 else self.cols.overlap * s,
+        }
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_frame_count(num_frames: int, time_compress: int = 4) -> int:
+    """Smallest 1 + k*time_compress >= num_frames."""
+    if num_frames < 1:
+        raise PlanError(f"a video needs at least 1 frame, got {num_frames}")
+    return 1 + _round_up(num_frames - 1, time_compress)
+
+
+def make_plan(settings: PlanSettings, num_frames: int, height: int, width: int) -> VideoPlan:
+    """Plan the encode/decode of a ``num_frames`` x ``height`` x ``width`` video."""
+    if min(num_frames, height, width) < 1:
+        raise PlanError(f"video shape T={num_frames}, H={height}, W={width} must be positive in every axis")
+    s = settings.spatial_compress
+    padded_frames = padded_frame_count(num_frames, settings.time_compress)
+    padded_h, padded_w = _round_up(height, s), _round_up(width, s)
+    latent_frames = (padded_frames - 1) // settings.time_compress + 1
+    decode_chunk = None if settings.chunk_frames is None else settings.chunk_frames // settings.time_compress
+    return VideoPlan(
+        settings=settings,
+        num_frames=num_frames, height=height, width=width,
+        padded_frames=padded_frames, padded_height=padded_h, padded_width=padded_w,
+        encode_chunks=split_time(padded_frames, settings.chunk_frames),
+        decode_chunks=split_time(latent_frames, decode_chunk),
+        rows=split_axis(padded_h // s, settings.tile_latent, settings.tile_overlap_latent),
+        cols=split_axis(padded_w // s, settings.tile_latent, settings.tile_overlap_latent),
+    )
+
+
+def make_latent_plan(settings: PlanSettings, latent_frames: int, latent_height: int, latent_width: int,
+                     *, num_frames: int | None = None, height: int | None = None,
+                     width: int | None = None) -> VideoPlan:
+    """Plan for decoding a latent; the original video size (if known) says how much to crop back."""
+    s, tc = settings.spatial_compress, settings.time_compress
+    full_t, full_h, full_w = tc * (latent_frames - 1) + 1, latent_height * s, latent_width * s
+    num_frames, height, width = num_frames or full_t, height or full_h, width or full_w
+    plan = make_plan(settings, num_frames, height, width)
+    if (plan.latent_frames, plan.latent_height, plan.latent_width) != (latent_frames, latent_height, latent_width):
+        raise PlanError(
+            f"original size T={num_frames}, H={height}, W={width} does not fit a latent of "
+            f"{latent_frames}x{latent_height}x{latent_width} (it needs {plan.latent_frames}x{plan.latent_height}x"
+            f"{plan.latent_width}); the metadata does not belong to this latent"
+        )
+    return plan

@@ -1,0 +1,122 @@
+"""Executes a :class:`~cvvae.plan.VideoPlan` with any component function (spec sections 6.2-6.5).
+
+A *component function* maps one input tile to one output tile as torch tensors (the PyTorch model, an ONNX Runtime
+session, a TensorRT engine). This module owns padding, chunking, tiling, blending and cropping, so that every backend
+runs the identical schedule and differs only in the function it passes.
+
+Blending follows the official order: tiles are blended in raster order, top edge first (with the already-blended tile
+above), then left edge (with the already-blended tile to the left), before any cropping.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from .plan import AxisTiles, Chunk, VideoPlan
+
+ComponentFn = Callable[[torch.Tensor], torch.Tensor]
+Direction = Literal["encode", "decode"]
+
+
+def pad_video(x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+    """Pad B,C,T,H,W pixels to the plan's padded shape: repeat the last frame, replicate the bottom/right edge."""
+    b, c, t, h, w = x.shape
+    if (t, h, w) != (plan.num_frames, plan.height, plan.width):
+        raise ValueError(f"input T,H,W = {(t, h, w)} does not match the plan's {(plan.num_frames, plan.height, plan.width)}")
+    extra_t = plan.padded_frames - t
+    if extra_t:
+        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, extra_t, -1, -1)], dim=2)
+    dh, dw = plan.padded_height - h, plan.padded_width - w
+    if dh or dw:
+        x = torch.cat([x, x[:, :, :, -1:].expand(-1, -1, -1, dh, -1)], dim=3) if dh else x
+        x = torch.cat([x, x[..., -1:].expand(-1, -1, -1, -1, dw)], dim=4) if dw else x
+    return x
+
+
+def crop_video(y: torch.Tensor, plan: VideoPlan, *, frame_offset: int = 0) -> torch.Tensor:
+    """Crop decoded pixels back to the original size; frames past ``plan.num_frames`` are dropped.
+
+    ``frame_offset`` is the absolute index of ``y``'s first frame (for streaming, chunk by chunk).
+    """
+    keep_t = max(0, min(y.shape[2], plan.num_frames - frame_offset))
+    return y[:, :, :keep_t, : plan.height, : plan.width]
+
+
+def _blend(prev_edge: torch.Tensor, cur: torch.Tensor, overlap: int, dim: int) -> torch.Tensor:
+    """Blend the first ``overlap`` items of ``cur`` along ``dim`` with ``prev_edge`` (the previous tile's last ones)."""
+    if overlap == 0:
+        return cur
+    shape = [1] * cur.ndim
+    shape[dim] = overlap
+    w = (torch.arange(overlap, dtype=torch.float32, device=cur.device) / overlap).to(cur.dtype).view(shape)
+    head = cur.narrow(dim, 0, overlap)
+    mixed = prev_edge * (1 - w) + head * w
+    return torch.cat([mixed, cur.narrow(dim, overlap, cur.shape[dim] - overlap)], dim=dim)
+
+
+def run_tiles(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles, *, in_scale: int,
+              out_scale: int) -> torch.Tensor:
+    """Run ``fn`` on every spatial tile of ``x`` (B,C,T,H,W), blend and crop, return the stitched output.
+
+    Tile geometry is in latent cells; ``in_scale``/``out_scale`` convert it to the input/output units
+    (encode: 8 and 1; decode: 1 and 8). Only the previous row of blended tiles is kept.
+    """
+    o_h, o_w = rows.overlap * out_scale, cols.overlap * out_scale
+    prev_row: list[torch.Tensor] = []
+    out_rows = []
+    for r, (r0, rn) in enumerate(zip(rows.starts, rows.sizes)):
+        row: list[torch.Tensor] = []
+        for c, (c0, cn) in enumerate(zip(cols.starts, cols.sizes)):
+            tile = x[..., r0 * in_scale:(r0 + rn) * in_scale, c0 * in_scale:(c0 + cn) * in_scale]
+            y = fn(tile)
+            if r > 0:
+                y = _blend(prev_row[c][..., -o_h:, :], y, o_h, dim=-2)
+            if c > 0:
+                y = _blend(row[c - 1][..., -o_w:], y, o_w, dim=-1)
+            row.append(y)
+        keep_h = rows.keeps[r] * out_scale
+        out_rows.append(torch.cat([t[..., :keep_h, : k * out_scale] for t, k in zip(row, cols.keeps)], dim=-1))
+        prev_row = row
+    return torch.cat(out_rows, dim=-2)
+
+
+def encode_chunk(fn: ComponentFn, frames: torch.Tensor, plan: VideoPlan, chunk: Chunk) -> torch.Tensor:
+    """Moments of one temporal chunk of padded frames (the chunk's own frames, B,3,t,H,W)."""
+    s = plan.settings.spatial_compress
+    moments = run_tiles(fn, frames, plan.rows, plan.cols, in_scale=s, out_scale=1)
+    return moments[:, :, 1:] if chunk.drop_first else moments
+
+
+def decode_chunk(fn: ComponentFn, latents: torch.Tensor, plan: VideoPlan, chunk: Chunk) -> torch.Tensor:
+    """Pixels of one temporal chunk of latents (the chunk's own latents, B,z,l,h,w); uncropped."""
+    s = plan.settings.spatial_compress
+    pixels = run_tiles(fn, latents, plan.rows, plan.cols, in_scale=1, out_scale=s)
+    return pixels[:, :, 1:] if chunk.drop_first else pixels
+
+
+def iter_encode(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan) -> Iterator[torch.Tensor]:
+    """Yield the moments of each encode chunk of an already padded B,3,T,H,W video, in order."""
+    for chunk in plan.encode_chunks:
+        yield encode_chunk(fn, x[:, :, chunk.start:chunk.stop], plan, chunk)
+
+
+def iter_decode(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan) -> Iterator[torch.Tensor]:
+    """Yield the cropped pixels of each decode chunk of a B,z,L,h,w latent, in order."""
+    done = 0
+    for chunk in plan.decode_chunks:
+        pixels = decode_chunk(fn, z[:, :, chunk.start:chunk.stop], plan, chunk)
+        yield crop_video(pixels, plan, frame_offset=done)
+        done += pixels.shape[2]
+
+
+def encode_video(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+    """Moments (B,2z,L,h,w) of a B,3,T,H,W video of the plan's input shape (padding applied here)."""
+    return torch.cat(list(iter_encode(fn, pad_video(x, plan), plan)), dim=2)
+
+
+def decode_video(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+    """Pixels (B,3,T,H,W) of the plan's original size from a B,z,L,h,w latent."""
+    return torch.cat(list(iter_decode(fn, z, plan)), dim=2)
+
