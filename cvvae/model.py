@@ -87,6 +87,7 @@ class CVVAE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_info = None  # set by cvvae.loading: where the weights came from
         if config.variant == "v1":
             self.encoder: nn.Module = EncoderV1(config)
             self.decoder: nn.Module = DecoderV1(config)

@@ -1,0 +1,173 @@
+"""The ``cvvae`` command line: thin click commands over the public API.
+
+Each command builds config objects and calls library functions; nothing here is reachable only through the CLI.
+Commands of other parts of the toolkit (export, runtime, training, ...) register themselves in :func:`_register`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import CVVAEError
+
+log = logging.getLogger("cvvae")
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn the toolkit's expected errors into a one-line message and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (CVVAEError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+def model_options(fn: Callable) -> Callable:
+    """--model / --preset / --subfolder / --device / --dtype, shared by every command that loads a model."""
+    options = [
+        click.option("--model", "model_path", default=None, metavar="PATH",
+                     help="Checkpoint folder or file, an export/engine folder, or random:PRESET. "
+                          "Default: the built-in default model."),
+        click.option("--preset", default=None, help="Architecture preset for a bare weights file "
+                                                    "(cvvae-v1, cvvae-sd3, tiny-v1, tiny-sd3)."),
+        click.option("--subfolder", default=None, help="vae3d* subfolder of a multi-model folder."),
+        click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1)."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True),
+        click.option("--trust-checkpoint", is_flag=True, help="Allow pickled extras in a trusted .ckpt/.pt."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def plan_options(fn: Callable) -> Callable:
+    """Chunk/tile overrides (defaults come from the model config)."""
+    options = [
+        click.option("--chunk-frames", type=int, default=None, help="Frames per encode chunk (multiple of 4)."),
+        click.option("--tile-size", type=int, default=None, help="Spatial tile in pixels."),
+        click.option("--tile-overlap", type=float, default=None, help="Tile overlap ratio in [0,1)."),
+        click.option("--no-tiling", is_flag=True, help="Run every frame as one spatial tile."),
+        click.option("--no-chunking", is_flag=True, help="Run the whole video as one temporal chunk."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def plan_overrides(chunk_frames: int | None, tile_size: int | None, tile_overlap: float | None, no_tiling: bool,
+                   no_chunking: bool) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if chunk_frames is not None:
+        overrides["chunk_frames"] = chunk_frames
+    if tile_size is not None:
+        overrides["tile_size"] = tile_size
+    if tile_overlap is not None:
+        overrides["tile_overlap_ratio"] = tile_overlap
+    if no_tiling:
+        overrides["tile_size"] = None
+    if no_chunking:
+        overrides["chunk_frames"] = None
+    return overrides
+
+
+def load_from_options(model_path: str | None, preset: str | None, subfolder: str | None, device: str, dtype: str,
+                      trust_checkpoint: bool):
+    from .loading import load_model
+
+    return load_model(model_path, preset=preset, subfolder=subfolder, device=device, dtype=torch_dtype(dtype),
+                      trust_pickle=trust_checkpoint)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """CV-VAE deployment toolkit: reference model, ONNX export, engines and a chunked streaming runtime."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@model_options
+@click.option("--size", default=None, metavar="TxHxW", help="Input size to plan for, e.g. 65x720x1280.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@plan_options
+@handle_errors
+def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, as_json, **plan_kw) -> None:
+    """Config, parameter count, compression factors and the chunk/tile plan for an input size."""
+    model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
+    cfg = model.config
+    data: dict[str, Any] = {
+        "variant": cfg.variant,
+        "config": cfg.summary(),
+        "parameters": model.num_parameters(),
+        "encoder_parameters": sum(p.numel() for p in model.encoder.parameters()),
+        "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()),
+        "compression": {"time": cfg.time_compress, "space": cfg.spatial_compress,
+                        "latent_channels": cfg.latent_channels},
+        "checkpoint": model.checkpoint_info.as_dict() if model.checkpoint_info else None,
+    }
+    if size:
+        try:
+            t, h, w = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"expected TxHxW such as 17x256x256, got {size!r}", param_hint="--size")
+        settings = model.plan_settings(**plan_overrides(**plan_kw))
+        data["plan"] = model.plan(t, h, w, settings).describe()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"variant      {cfg.variant}  ({data['checkpoint']['source'] if data['checkpoint'] else ''})")
+    click.echo(f"parameters   {data['parameters']:,} (encoder {data['encoder_parameters']:,}, "
+               f"decoder {data['decoder_parameters']:,})")
+    click.echo(f"widths       {list(cfg.widths)}, {cfg.layers_per_block} resnets/level, "
+               f"{cfg.latent_channels} latent channels")
+    click.echo(f"compression  time x{cfg.time_compress}, space x{cfg.spatial_compress}; "
+               "T frames -> 1+(T-1)//4 latents; L latents -> 4(L-1)+1 frames")
+    click.echo(f"scaling      {cfg.scaling_factor}  shift {cfg.shift_factor}")
+    click.echo(f"chunk/tile   {cfg.chunk_frames} frames/chunk, tile {cfg.tile_spatial_size} px, "
+               f"overlap {cfg.tile_overlap_ratio}")
+    if "plan" in data:
+        p = data["plan"]
+        click.echo(f"plan         input {p['input']} -> padded {p['padded']} -> latent {p['latent']}")
+        click.echo(f"             encode chunks (frames) {p['encode_chunks_frames']}")
+        click.echo(f"             decode chunks (latents) {p['decode_chunks_latents']}")
+        click.echo(f"             tile rows px {p['tile_rows_px']}, cols px {p['tile_cols_px']}, "
+                   f"overlap {p['tile_overlap_px']} px")
+
+
+def _register() -> None:
+    """Attach the commands that live in other modules (each module exposes click commands)."""
+    for module_name, attrs in (
+        ("cvvae.codec_cli", ("encode", "decode")),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:  # a missing optional part must not break `cvvae --help`
+            log.debug("commands of %s unavailable: %s", module_name, e)
+            continue
+        for attr in attrs:
+            main.add_command(getattr(module, attr))
+
+
+_register()

@@ -1,0 +1,19 @@
+"""Typed errors of the toolkit. Each message names the offending thing, what was expected, and the fix."""
+
+from __future__ import annotations
+
+
+class CVVAEError(Exception):
+    """Base class of every error this toolkit raises on purpose."""
+
+
+class CheckpointError(CVVAEError, ValueError):
+    """A checkpoint that cannot be found, read, or matched to the model."""
+
+
+class InputError(CVVAEError, ValueError):
+    """User input (tensor, file, option) with the wrong shape, type or content."""
+
+
+class BackendUnavailableError(CVVAEError, RuntimeError):
+    """An inference backend whose package or device is missing."""

@@ -1,0 +1,112 @@
+"""Latent files: ``.safetensors`` with ``mean`` and ``logvar`` plus the metadata decoding needs (spec section 5).
+
+The metadata keeps the original frame count and size (so decoding returns exactly the input's frames, even when
+they were padded to 1+4k frames and multiples of 8), the model's identity (variant, latent channels, checkpoint
+sha256) and its scaling factor, and optional extras such as fps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .errors import InputError
+from .fsutil import atomic_path
+
+FORMAT = "cvvae-latents/1"
+
+
+@dataclass
+class LatentFile:
+    mean: torch.Tensor
+    logvar: torch.Tensor | None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What ties a latent to the model that made it."""
+    cfg = model.config
+    info = getattr(model, "checkpoint_info", None)
+    return {
+        "variant": cfg.variant,
+        "latent_channels": cfg.latent_channels,
+        "model_sha256": getattr(info, "sha256", None),
+        "model_source": getattr(info, "source", None),
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+    }
+
+
+def save_latents(path: str | Path, mean: torch.Tensor, logvar: torch.Tensor | None, *, num_frames: int,
+                 height: int, width: int, identity: dict[str, Any], extra: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a latent file atomically (temp file + rename)."""
+    path = Path(path)
+    meta = {"format": FORMAT, "num_frames": num_frames, "height": height, "width": width, **identity, **(extra or {})}
+    tensors = {"mean": mean.detach().to("cpu", torch.float32).contiguous()}
+    if logvar is not None:
+        tensors["logvar"] = logvar.detach().to("cpu", torch.float32).contiguous()
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+def load_latents(path: str | Path) -> LatentFile:
+    """Read a latent file (``.safetensors`` with ``mean``/``latent``, or a ``.npy`` array of latents)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"latent file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise InputError(f"cannot read {path} as a .npy array: {e}") from e
+        return LatentFile(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), None)
+    if path.suffix != ".safetensors":
+        raise InputError(f"latent file {path} must be .safetensors or .npy, not {path.suffix or 'no suffix'}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} as safetensors: {e}") from e
+    key = "mean" if "mean" in tensors else "latent" if "latent" in tensors else None
+    if key is None:
+        raise InputError(f"{path} has no 'mean' or 'latent' tensor (it has: {', '.join(sorted(tensors)) or 'none'})")
+    meta = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return LatentFile(tensors[key].float(), tensors.get("logvar"), meta.get("num_frames"), meta.get("height"),
+                      meta.get("width"), meta)
+
+
+def check_latent_matches(latents: LatentFile, model: Any, *, strict_model: bool = True) -> None:
+    """Refuse latents made by another model (channel count always; checkpoint sha unless ``strict_model=False``)."""
+    cfg = model.config
+    z = latents.mean
+    if z.ndim not in (4, 5) or z.shape[1] != cfg.latent_channels:
+        raise InputError(
+            f"latent of shape {tuple(z.shape)} does not fit this {cfg.variant} model: expected (B, "
+            f"{cfg.latent_channels}, L, h, w); was it made by another model?"
+        )
+    made_by = latents.metadata.get("model_sha256")
+    ours = getattr(getattr(model, "checkpoint_info", None), "sha256", None)
+    if strict_model and made_by and ours and made_by != ours:
+        raise InputError(
+            f"latent file was made by model sha256 {made_by[:12]}... ({latents.metadata.get('model_source')}), "
+            f"but the loaded model is {ours[:12]}...; decode with the same model, or pass --ignore-model-mismatch"
+        )
