@@ -2,7 +2,8 @@
 
 Encode input: float32 pixels in [-1, 1], (B,3,T,H,W) or (3,T,H,W). Encode output: ``.npy`` (the latent mean) or
 ``.safetensors`` (``mean``, ``logvar`` and the metadata that lets decode return exactly the original frames).
-Decode input: ``.safetensors`` (``mean`` or ``latent``) or ``.npy``; output ``.npy`` pixels.
+Decode input: ``.safetensors`` (``mean`` or ``latent``) or ``.npy``, (B,z,L,h,w) or unbatched (z,L,h,w); output
+``.npy`` pixels with the same batching.
 """
 
 from __future__ import annotations
@@ -65,11 +66,10 @@ def encode(input_path: Path, output: Path, model_path, preset, subfolder, device
     x = read_pixels(input_path)
     model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
     result = model.encode(x.to(model.device), model.plan_settings(**plan_overrides(**plan_kw)))
-    mean = result.mean if x.ndim == 5 else result.mean[0]
-    logvar = result.logvar if x.ndim == 5 else result.logvar[0]
-    if output.suffix == ".npy":
-        save_npy(output, mean.float().cpu().numpy(), overwrite=force)
-    else:
+    mean, logvar = result.mean, result.logvar
+    if output.suffix == ".npy":  # mirrors the input: (B,z,L,h,w) or (z,L,h,w)
+        save_npy(output, (mean if x.ndim == 5 else mean[0]).float().cpu().numpy(), overwrite=force)
+    else:  # always batched, so the file is unambiguous
         save_latents(output, mean, logvar, num_frames=result.num_frames, height=result.height, width=result.width,
                      identity=model_identity(model), extra={"plan": result.plan}, overwrite=force)
     click.echo(f"{input_path} {tuple(x.shape)} -> {output} mean {tuple(mean.shape)}")
@@ -95,7 +95,7 @@ def decode(input_path: Path, output: Path, model_path, preset, subfolder, device
     model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
     check_latent_matches(latents, model, strict_model=not ignore_model_mismatch)
     z = latents.mean
-    unbatched = z.ndim == 4 and latents.metadata.get("format") is not None
+    unbatched = z.ndim == 4  # (z, L, h, w), as `cvvae encode` writes for a (3, T, H, W) .npy input
     z = z.unsqueeze(0) if unbatched else z
     pixels = model.decode(z.to(model.device), num_frames=latents.num_frames, height=latents.height,
                           width=latents.width, settings=model.plan_settings(**plan_overrides(**plan_kw)))

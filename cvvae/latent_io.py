@@ -98,10 +98,11 @@ def check_latent_matches(latents: LatentFile, model: Any, *, strict_model: bool 
     """Refuse latents made by another model (channel count always; checkpoint sha unless ``strict_model=False``)."""
     cfg = model.config
     z = latents.mean
-    if z.ndim not in (4, 5) or z.shape[1] != cfg.latent_channels:
+    channels = z.shape[1] if z.ndim == 5 else z.shape[0] if z.ndim == 4 else None
+    if channels != cfg.latent_channels:
         raise InputError(
             f"latent of shape {tuple(z.shape)} does not fit this {cfg.variant} model: expected (B, "
-            f"{cfg.latent_channels}, L, h, w); was it made by another model?"
+            f"{cfg.latent_channels}, L, h, w) or ({cfg.latent_channels}, L, h, w); was it made by another model?"
         )
     made_by = latents.metadata.get("model_sha256")
     ours = getattr(getattr(model, "checkpoint_info", None), "sha256", None)
