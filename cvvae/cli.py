@@ -159,7 +159,7 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
 def _register() -> None:
     """Attach the commands that live in other modules (each module exposes click commands)."""
     for module_name, attrs in (
-        ("cvvae.codec_cli", ("encode", "decode")),
+        ("cvvae.runtime.cli", ("encode", "decode", "reconstruct", "parity", "doctor")),
     ):
         try:
             module = importlib.import_module(module_name)

@@ -94,9 +94,9 @@ def load_latents(path: str | Path) -> LatentFile:
                       meta.get("width"), meta)
 
 
-def check_latent_matches(latents: LatentFile, model: Any, *, strict_model: bool = True) -> None:
+def check_latent_matches(latents: LatentFile, cfg: Any, model_sha256: str | None, *,
+                         strict_model: bool = True) -> None:
     """Refuse latents made by another model (channel count always; checkpoint sha unless ``strict_model=False``)."""
-    cfg = model.config
     z = latents.mean
     channels = z.shape[1] if z.ndim == 5 else z.shape[0] if z.ndim == 4 else None
     if channels != cfg.latent_channels:
@@ -104,8 +104,7 @@ def check_latent_matches(latents: LatentFile, model: Any, *, strict_model: bool 
             f"latent of shape {tuple(z.shape)} does not fit this {cfg.variant} model: expected (B, "
             f"{cfg.latent_channels}, L, h, w) or ({cfg.latent_channels}, L, h, w); was it made by another model?"
         )
-    made_by = latents.metadata.get("model_sha256")
-    ours = getattr(getattr(model, "checkpoint_info", None), "sha256", None)
+    made_by, ours = latents.metadata.get("model_sha256"), model_sha256
     if strict_model and made_by and ours and made_by != ours:
         raise InputError(
             f"latent file was made by model sha256 {made_by[:12]}... ({latents.metadata.get('model_source')}), "

@@ -20,6 +20,16 @@ ComponentFn = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["encode", "decode"]
 
 
+def pad_space(x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+    """Pad H and W of B,C,T,H,W pixels to the plan's multiples of 8 by replicating the bottom/right edge."""
+    dh, dw = plan.padded_height - x.shape[3], plan.padded_width - x.shape[4]
+    if dh:
+        x = torch.cat([x, x[:, :, :, -1:].expand(-1, -1, -1, dh, -1)], dim=3)
+    if dw:
+        x = torch.cat([x, x[..., -1:].expand(-1, -1, -1, -1, dw)], dim=4)
+    return x
+
+
 def pad_video(x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
     """Pad B,C,T,H,W pixels to the plan's padded shape: repeat the last frame, replicate the bottom/right edge."""
     b, c, t, h, w = x.shape
@@ -28,11 +38,7 @@ def pad_video(x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
     extra_t = plan.padded_frames - t
     if extra_t:
         x = torch.cat([x, x[:, :, -1:].expand(-1, -1, extra_t, -1, -1)], dim=2)
-    dh, dw = plan.padded_height - h, plan.padded_width - w
-    if dh or dw:
-        x = torch.cat([x, x[:, :, :, -1:].expand(-1, -1, -1, dh, -1)], dim=3) if dh else x
-        x = torch.cat([x, x[..., -1:].expand(-1, -1, -1, -1, dw)], dim=4) if dw else x
-    return x
+    return pad_space(x, plan)
 
 
 def crop_video(y: torch.Tensor, plan: VideoPlan, *, frame_offset: int = 0) -> torch.Tensor:
@@ -56,21 +62,46 @@ def _blend(prev_edge: torch.Tensor, cur: torch.Tensor, overlap: int, dim: int) -
     return torch.cat([mixed, cur.narrow(dim, overlap, cur.shape[dim] - overlap)], dim=dim)
 
 
+def _tile_outputs(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles, in_scale: int,
+                  batch_tiles: bool) -> dict[tuple[int, int], torch.Tensor]:
+    """Outputs of every tile, keyed by (row, col). With ``batch_tiles``, tiles of equal shape share one call.
+
+    Batching is exact: every normalization in the model is per sample, so a tile's result does not depend on the
+    other samples in its batch.
+    """
+    tiles = {
+        (r, c): x[..., r0 * in_scale:(r0 + rn) * in_scale, c0 * in_scale:(c0 + cn) * in_scale]
+        for r, (r0, rn) in enumerate(zip(rows.starts, rows.sizes))
+        for c, (c0, cn) in enumerate(zip(cols.starts, cols.sizes))
+    }
+    if not batch_tiles or len(tiles) == 1:
+        return {key: fn(tile) for key, tile in tiles.items()}
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for key, tile in tiles.items():
+        groups.setdefault(tuple(tile.shape), []).append(key)
+    out = {}
+    b = x.shape[0]
+    for keys in groups.values():
+        y = fn(torch.cat([tiles[k] for k in keys], dim=0))
+        out.update(zip(keys, y.split(b, dim=0)))
+    return out
+
+
 def run_tiles(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles, *, in_scale: int,
-              out_scale: int) -> torch.Tensor:
+              out_scale: int, batch_tiles: bool = False) -> torch.Tensor:
     """Run ``fn`` on every spatial tile of ``x`` (B,C,T,H,W), blend and crop, return the stitched output.
 
     Tile geometry is in latent cells; ``in_scale``/``out_scale`` convert it to the input/output units
-    (encode: 8 and 1; decode: 1 and 8). Only the previous row of blended tiles is kept.
+    (encode: 8 and 1; decode: 1 and 8).
     """
+    outputs = _tile_outputs(fn, x, rows, cols, in_scale, batch_tiles)
     o_h, o_w = rows.overlap * out_scale, cols.overlap * out_scale
     prev_row: list[torch.Tensor] = []
     out_rows = []
-    for r, (r0, rn) in enumerate(zip(rows.starts, rows.sizes)):
+    for r in range(len(rows)):
         row: list[torch.Tensor] = []
-        for c, (c0, cn) in enumerate(zip(cols.starts, cols.sizes)):
-            tile = x[..., r0 * in_scale:(r0 + rn) * in_scale, c0 * in_scale:(c0 + cn) * in_scale]
-            y = fn(tile)
+        for c in range(len(cols)):
+            y = outputs.pop((r, c))
             if r > 0:
                 y = _blend(prev_row[c][..., -o_h:, :], y, o_h, dim=-2)
             if c > 0:
@@ -82,41 +113,92 @@ def run_tiles(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles
     return torch.cat(out_rows, dim=-2)
 
 
-def encode_chunk(fn: ComponentFn, frames: torch.Tensor, plan: VideoPlan, chunk: Chunk) -> torch.Tensor:
+def encode_chunk(fn: ComponentFn, frames: torch.Tensor, plan: VideoPlan, chunk: Chunk, *,
+                 batch_tiles: bool = False) -> torch.Tensor:
     """Moments of one temporal chunk of padded frames (the chunk's own frames, B,3,t,H,W)."""
     s = plan.settings.spatial_compress
-    moments = run_tiles(fn, frames, plan.rows, plan.cols, in_scale=s, out_scale=1)
+    moments = run_tiles(fn, frames, plan.rows, plan.cols, in_scale=s, out_scale=1, batch_tiles=batch_tiles)
     return moments[:, :, 1:] if chunk.drop_first else moments
 
 
-def decode_chunk(fn: ComponentFn, latents: torch.Tensor, plan: VideoPlan, chunk: Chunk) -> torch.Tensor:
+def decode_chunk(fn: ComponentFn, latents: torch.Tensor, plan: VideoPlan, chunk: Chunk, *,
+                 batch_tiles: bool = False) -> torch.Tensor:
     """Pixels of one temporal chunk of latents (the chunk's own latents, B,z,l,h,w); uncropped."""
     s = plan.settings.spatial_compress
-    pixels = run_tiles(fn, latents, plan.rows, plan.cols, in_scale=1, out_scale=s)
+    pixels = run_tiles(fn, latents, plan.rows, plan.cols, in_scale=1, out_scale=s, batch_tiles=batch_tiles)
     return pixels[:, :, 1:] if chunk.drop_first else pixels
 
 
-def iter_encode(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan) -> Iterator[torch.Tensor]:
+def iter_encode(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan, *,
+                batch_tiles: bool = False) -> Iterator[torch.Tensor]:
     """Yield the moments of each encode chunk of an already padded B,3,T,H,W video, in order."""
     for chunk in plan.encode_chunks:
-        yield encode_chunk(fn, x[:, :, chunk.start:chunk.stop], plan, chunk)
+        yield encode_chunk(fn, x[:, :, chunk.start:chunk.stop], plan, chunk, batch_tiles=batch_tiles)
 
 
-def iter_decode(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan) -> Iterator[torch.Tensor]:
+def iter_decode(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan, *,
+                batch_tiles: bool = False) -> Iterator[torch.Tensor]:
     """Yield the cropped pixels of each decode chunk of a B,z,L,h,w latent, in order."""
     done = 0
     for chunk in plan.decode_chunks:
-        pixels = decode_chunk(fn, z[:, :, chunk.start:chunk.stop], plan, chunk)
+        pixels = decode_chunk(fn, z[:, :, chunk.start:chunk.stop], plan, chunk, batch_tiles=batch_tiles)
         yield crop_video(pixels, plan, frame_offset=done)
         done += pixels.shape[2]
 
 
-def encode_video(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+def encode_video(fn: ComponentFn, x: torch.Tensor, plan: VideoPlan, *, batch_tiles: bool = False) -> torch.Tensor:
     """Moments (B,2z,L,h,w) of a B,3,T,H,W video of the plan's input shape (padding applied here)."""
-    return torch.cat(list(iter_encode(fn, pad_video(x, plan), plan)), dim=2)
+    return torch.cat(list(iter_encode(fn, pad_video(x, plan), plan, batch_tiles=batch_tiles)), dim=2)
 
 
-def decode_video(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
+def decode_video(fn: ComponentFn, z: torch.Tensor, plan: VideoPlan, *, batch_tiles: bool = False) -> torch.Tensor:
     """Pixels (B,3,T,H,W) of the plan's original size from a B,z,L,h,w latent."""
-    return torch.cat(list(iter_decode(fn, z, plan)), dim=2)
+    return torch.cat(list(iter_decode(fn, z, plan, batch_tiles=batch_tiles)), dim=2)
+
+
+class StreamingEncoder:
+    """Encode frames as they arrive, holding at most one chunk (spec 6.2), with the same result as the plan.
+
+    Chunk boundaries do not depend on the total length (chunk n is frames [16n, 16n+17)), so a full chunk can be
+    encoded as soon as its 17 frames are there; only the last frame is kept for the next chunk. At the end the
+    remaining frames are padded to 1+4k by repeating the last one, exactly as :func:`pad_video` pads the whole video.
+    """
+
+    def __init__(self, fn: ComponentFn, plan: VideoPlan, *, batch_tiles: bool = False) -> None:
+        self.fn, self.plan, self.batch_tiles = fn, plan, batch_tiles
+        self.chunk = plan.settings.chunk_frames
+        self.buffer: list[torch.Tensor] = []   # frames of the current chunk, B,3,t,H,W pieces
+        self.buffered = 0
+        self.frames_in = 0
+        self.chunks_done = 0
+
+    def _run(self, frames: torch.Tensor) -> torch.Tensor:
+        chunk = Chunk(0, frames.shape[2], drop_first=self.chunks_done > 0)
+        self.chunks_done += 1
+        return encode_chunk(self.fn, frames, self.plan, chunk, batch_tiles=self.batch_tiles)
+
+    def push(self, frames: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Add B,3,t,H,W frames (H, W already padded to the plan); yield moments of every chunk completed."""
+        self.buffer.append(frames)
+        self.buffered += frames.shape[2]
+        self.frames_in += frames.shape[2]
+        if self.chunk is None:
+            return
+        while self.buffered >= self.chunk + 1:
+            window = torch.cat(self.buffer, dim=2)
+            yield self._run(window[:, :, : self.chunk + 1])
+            rest = window[:, :, self.chunk:]
+            self.buffer, self.buffered = [rest], rest.shape[2]
+
+    def finish(self) -> Iterator[torch.Tensor]:
+        """Pad and encode what is left (nothing when the last chunk ended exactly on the final frame)."""
+        if self.frames_in == 0:
+            raise ValueError("no frames were given to encode")
+        if self.chunks_done and self.buffered <= 1:
+            return
+        window = torch.cat(self.buffer, dim=2)
+        target = 1 + -(-(window.shape[2] - 1) // self.plan.settings.time_compress) * self.plan.settings.time_compress
+        if target > window.shape[2]:
+            window = torch.cat([window, window[:, :, -1:].expand(-1, -1, target - window.shape[2], -1, -1)], dim=2)
+        yield self._run(window)
 

@@ -1,0 +1,6 @@
+"""The CV-VAE runtime: ``VideoVAE`` over the torch, onnxruntime and tensorrt backends, plus video I/O."""
+
+from .api import Latents, VideoVAE, to_pixels
+from .backends import available_backends
+
+__all__ = ["Latents", "VideoVAE", "available_backends", "to_pixels"]

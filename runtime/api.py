@@ -1,0 +1,245 @@
+"""``VideoVAE``: the runtime that renderers embed (runtime issue; spec sections 5 and 6).
+
+It loads one backend (PyTorch reference, ONNX Runtime, TensorRT), executes the one chunk/tile plan of
+:mod:`cvvae.plan` through :mod:`cvvae.tiling`, and streams: ``encode_stream`` holds at most one temporal chunk of
+frames, ``decode_stream`` yields frames chunk by chunk, so peak memory does not grow with video length.
+
+Inputs are numpy arrays or torch tensors: uint8 frames (T,H,W,3) or (B,T,H,W,3), or float pixels in [-1, 1]
+(B,3,T,H,W) or (3,T,H,W). Frame counts that are not 1+4k and sizes that are not multiples of 8 are padded and
+cropped back, and the original size travels with the latents.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .. import tiling
+from ..config import ModelConfig
+from ..errors import InputError
+from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
+from ..model import LOGVAR_MAX, LOGVAR_MIN
+from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
+from .backends import BACKENDS, Backend, lazy_import
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int | None], None]  # (frames done, total frames or None)
+
+
+@dataclass
+class Latents:
+    """Latent distribution of a video plus what decoding needs to return the original frames."""
+
+    mean: torch.Tensor            # B,z,L,h,w
+    logvar: torch.Tensor | None
+    num_frames: int
+    height: int
+    width: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.logvar is None:
+            raise InputError("these latents carry no logvar, so they cannot be sampled; use .mean")
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        identity = {k: v for k, v in self.metadata.items()}
+        return save_latents(path, self.mean, self.logvar, num_frames=self.num_frames, height=self.height,
+                            width=self.width, identity=identity, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Latents":
+        f = load_latents(path)
+        return cls.from_file(f)
+
+    @classmethod
+    def from_file(cls, f: LatentFile) -> "Latents":
+        mean = f.mean if f.mean.ndim == 5 else f.mean.unsqueeze(0)
+        logvar = None if f.logvar is None else (f.logvar if f.logvar.ndim == 5 else f.logvar.unsqueeze(0))
+        meta = {k: v for k, v in f.metadata.items() if k not in ("num_frames", "height", "width", "format")}
+        t, h, w = mean.shape[2:]
+        return cls(mean, logvar, f.num_frames or 4 * (t - 1) + 1, f.height or 8 * h, f.width or 8 * w, meta)
+
+
+def to_pixels(frames: Any) -> torch.Tensor:
+    """uint8 frames (T,H,W,3)/(B,T,H,W,3) or float pixels (B,3,T,H,W)/(3,T,H,W) -> float32 B,3,T,H,W in [-1,1]."""
+    if isinstance(frames, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(frames))
+    elif isinstance(frames, torch.Tensor):
+        x = frames
+    else:
+        raise InputError(f"frames must be a numpy array or a torch tensor, not {type(frames).__name__}")
+    if x.dtype == torch.uint8:
+        if x.ndim == 4:
+            x = x.unsqueeze(0)
+        if x.ndim != 5 or x.shape[-1] != 3:
+            raise InputError(f"uint8 frames must be (T,H,W,3) or (B,T,H,W,3) RGB, got {tuple(x.shape)}")
+        return x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+    if not x.is_floating_point():
+        raise InputError(f"frames of dtype {x.dtype} are not supported: pass uint8 RGB or float pixels in [-1, 1]")
+    if x.ndim == 4:
+        x = x.unsqueeze(0)
+    if x.ndim != 5 or x.shape[1] != 3:
+        raise InputError(f"float pixels must be (B,3,T,H,W) or (3,T,H,W), got {tuple(x.shape)}")
+    return x.float()
+
+
+class VideoVAE:
+    """Encode and decode videos of any length and size on one backend, chunk by chunk."""
+
+    def __init__(self, backend: Backend, settings: PlanSettings | None = None, *, batch_tiles: bool = False) -> None:
+        self.backend = backend
+        self.settings = settings or backend.plan_settings
+        self.batch_tiles = batch_tiles
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, backend: str = "torch", device: str = "cpu",
+             precision: str = "fp32", batch_tiles: bool = False, plan_overrides: dict[str, Any] | None = None,
+             **backend_kwargs: Any) -> "VideoVAE":
+        """Load a checkpoint (torch), an export directory (onnxruntime) or an engine directory (tensorrt).
+
+        ``path=None`` is the built-in default model; with ``backend="onnxruntime"`` it is exported once into the
+        cache (keyed by the checkpoint's sha256) and reused.
+        """
+        if backend not in BACKENDS:
+            if backend == "tensorrt":
+                lazy_import("tensorrt", "the tensorrt backend")
+                raise InputError("the tensorrt backend needs engines built by `cvvae build-engines`")
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        if backend == "onnxruntime" and (path is None or not (Path(path) / "manifest.json").exists()):
+            path = cached_export(path, precision=precision)
+        impl = BACKENDS[backend](path, device=device, precision=precision, **backend_kwargs)
+        settings = PlanSettings.from_config(impl.config, **(plan_overrides or {}))
+        return cls(impl, settings, batch_tiles=batch_tiles)
+
+    # ----- plan -----------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> ModelConfig:
+        return self.backend.config
+
+    def plan(self, num_frames: int, height: int, width: int) -> VideoPlan:
+        return make_plan(self.settings, num_frames, height, width)
+
+    # ----- encode ---------------------------------------------------------------------------------------------
+    def encode(self, frames: Any, *, metadata: dict[str, Any] | None = None,
+               on_progress: ProgressFn | None = None) -> Latents:
+        """Encode a whole video held in memory (see :meth:`encode_stream` for long videos)."""
+        x = to_pixels(frames)
+        return self._collect(self.encode_stream([x], total_frames=x.shape[2], on_progress=on_progress),
+                             metadata)
+
+    def encode_stream(self, frame_chunks: Iterable[Any], *, total_frames: int | None = None,
+                      on_progress: ProgressFn | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]]:
+        """Yield (mean, logvar, plan) for each temporal chunk as soon as its frames have arrived.
+
+        ``frame_chunks`` yields frames in any grouping (uint8 or float, as :meth:`encode` takes). The plan of the
+        last item has the true frame count.
+        """
+        streamer: tiling.StreamingEncoder | None = None
+        plan: VideoPlan | None = None
+        frames_done = 0
+        for piece in frame_chunks:
+            x = to_pixels(piece)
+            if x.shape[1] != self.config.in_channels:
+                raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.config.in_channels}")
+            if plan is None:
+                plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
+                streamer = tiling.StreamingEncoder(self.backend.encoder, plan, batch_tiles=self.batch_tiles)
+            elif x.shape[3:] != (plan.height, plan.width):
+                raise InputError(f"frame size changed mid-stream from {plan.height}x{plan.width} to "
+                                 f"{x.shape[3]}x{x.shape[4]}")
+            frames_done += x.shape[2]
+            x = tiling.pad_space(x, plan)
+            for moments in streamer.push(x):
+                yield (*_split_moments(moments), plan)
+            if on_progress:
+                on_progress(frames_done, total_frames)
+        if streamer is None:
+            raise InputError("no frames to encode: the input is empty")
+        final = self.plan(frames_done, plan.height, plan.width)
+        for moments in streamer.finish():
+            yield (*_split_moments(moments), final)
+
+    def _collect(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]],
+                 metadata: dict[str, Any] | None) -> Latents:
+        means, logvars, plan = [], [], None
+        for mean, logvar, plan in stream:
+            means.append(mean)
+            logvars.append(logvar)
+        meta = {**self.backend.identity, "plan": plan.describe(), "backend": self.backend.name,
+                "precision": self.backend.precision, **(metadata or {})}
+        return Latents(torch.cat(means, 2), torch.cat(logvars, 2), plan.num_frames, plan.height, plan.width, meta)
+
+    def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
+                     **read_kwargs: Any) -> Latents:
+        """Encode a video file, reading it chunk by chunk (PyAV); fps and source go into the metadata."""
+        from .video_io import iter_video_frames, probe_video
+
+        info = probe_video(path)
+        total = _selected_count(info.num_frames, read_kwargs)
+        frames = iter_video_frames(path, chunk_size=chunk_size, **read_kwargs)
+        fps = info.fps / read_kwargs.get("stride", 1)
+        return self._collect(self.encode_stream(frames, total_frames=total, on_progress=on_progress),
+                             {"fps": fps, "source_video": str(path)})
+
+    # ----- decode ---------------------------------------------------------------------------------------------
+    def decode_stream(self, latents: Latents | torch.Tensor, *, on_progress: ProgressFn | None = None,
+                      check_model: bool = True) -> Iterator[torch.Tensor]:
+        """Yield float pixels (B,3,t,H,W) in [-1,1], chunk by chunk, cropped to the original size."""
+        if isinstance(latents, torch.Tensor):
+            z = latents if latents.ndim == 5 else latents.unsqueeze(0)
+            latents = Latents(z, None, 4 * (z.shape[2] - 1) + 1, 8 * z.shape[3], 8 * z.shape[4])
+        if check_model:
+            check_latent_matches(LatentFile(latents.mean, latents.logvar, metadata=latents.metadata), self.config,
+                                 self.backend.identity.get("model_sha256"))
+        z = latents.mean
+        plan = make_latent_plan(self.settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
+                                height=latents.height, width=latents.width)
+        done = 0
+        for pixels in tiling.iter_decode(self.backend.decoder, z.float(), plan, batch_tiles=self.batch_tiles):
+            done += pixels.shape[2]
+            if on_progress:
+                on_progress(done, plan.num_frames)
+            yield pixels
+
+    def decode(self, latents: Latents | torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Decode to float pixels (B,3,T,H,W) in [-1,1] of the original size."""
+        return torch.cat(list(self.decode_stream(latents, **kwargs)), dim=2)
+
+
+def _split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+def _selected_count(num_frames: int, kw: dict[str, Any]) -> int:
+    start, end, stride = kw.get("start", 0), kw.get("end") or num_frames, kw.get("stride", 1)
+    n = max(0, -(-(min(end, num_frames) - start) // stride))
+    return min(n, kw["max_frames"]) if kw.get("max_frames") else n
+
+
+def cached_export(path: str | Path | None, *, precision: str) -> Path:
+    """Export a checkpoint once into the user cache (keyed by its sha256) for the onnxruntime backend."""
+    import os
+
+    from ..export.to_onnx import export_model
+    from ..loading import load_model
+
+    model = load_model(path)
+    sha = model.checkpoint_info.sha256 or "random"
+    root = Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae")) / "exports"
+    target = root / f"{sha[:16]}-{precision}"
+    if not (target / "manifest.json").exists():
+        log.warning("exporting %s to %s for the onnxruntime backend (once)", model.checkpoint_info.source, target)
+        t0 = time.perf_counter()
+        export_model(model, target, precisions=(precision,))
+        log.info("export took %.1f s", time.perf_counter() - t0)
+    return target

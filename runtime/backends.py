@@ -1,0 +1,229 @@
+"""Inference backends behind one small interface (runtime issue, spec section 6 executed by cvvae.tiling).
+
+A backend runs the two components on one tile: ``encoder(video) -> moments`` (mean and logvar concatenated on the
+channel axis, raw, before the logvar clamp) and ``decoder(latent) -> video``, as float32 torch tensors on the CPU or
+the backend's device. Padding, chunking, tiling and blending are the scheduler's job, so every backend runs the same
+plan. Optional packages (onnxruntime-gpu, tensorrt) are imported lazily; asking for a missing one says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import BackendUnavailableError, InputError
+from ..plan import PlanSettings
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers) - never both",
+    "tensorrt": "install TensorRT 10/11 for Python (pip install tensorrt from NVIDIA's index) on a CUDA machine",
+}
+
+
+def lazy_import(module: str, feature: str) -> Any:
+    """Import an optional package, or raise a BackendUnavailableError saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        hint = INSTALL_HINTS.get(module.split(".")[0], f"pip install {module}")
+        raise BackendUnavailableError(f"{feature} needs the '{module}' package, which is not installed: {hint}") from e
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+class Backend(Protocol):
+    """What the scheduler needs from a backend."""
+
+    name: str
+    precision: str
+    config: ModelConfig
+    plan_settings: PlanSettings
+    identity: dict[str, Any]
+
+    def encoder(self, video: torch.Tensor) -> torch.Tensor: ...
+
+    def decoder(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class TorchBackend:
+    """The PyTorch reference model (CPU or CUDA; fp32, fp16 or bf16)."""
+
+    model: Any
+    precision: str = "fp32"
+    name: str = "torch"
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None, *, device: str = "cpu", precision: str = "fp32",
+             preset: str | None = None) -> "TorchBackend":
+        from ..latent_io import model_identity
+        from ..loading import load_model
+
+        if precision not in TORCH_DTYPES:
+            raise InputError(f"torch backend precision must be one of {sorted(TORCH_DTYPES)}, not {precision!r}")
+        model = load_model(path, preset=preset, device=device, dtype=TORCH_DTYPES[precision])
+        return cls(model, precision, identity=model_identity(model))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def plan_settings(self) -> PlanSettings:
+        return PlanSettings.from_config(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder(video.to(self.model.device, self.model.dtype)).float()
+
+    @torch.no_grad()
+    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(latent.to(self.model.device, self.model.dtype)).float()
+
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OrtComponent:
+    """One ONNX graph in an InferenceSession; numpy in and out on CPU, IO binding with torch tensors on CUDA."""
+
+    def __init__(self, path: Path, providers: list[Any], threads: int | None = None) -> None:
+        ort = lazy_import("onnxruntime", "the onnxruntime backend")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.inputs = self.session.get_inputs()
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_dtype = ORT_DTYPES[self.inputs[0].type]
+        self.on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.on_cuda and x.is_cuda:
+            return self._run_bound(x)
+        array = np.ascontiguousarray(x.detach().cpu().numpy().astype(self.input_dtype, copy=False))
+        results = self.session.run(self.outputs, {self.inputs[0].name: array})
+        return [torch.from_numpy(r).float() for r in results]
+
+    def _run_bound(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Zero-copy input from a CUDA torch tensor; outputs stay on the device and come back through DLPack."""
+        x = x.to(torch.float16 if self.input_dtype == np.float16 else torch.float32).contiguous()
+        binding = self.session.io_binding()
+        binding.bind_input(self.inputs[0].name, "cuda", x.device.index or 0, self.input_dtype, tuple(x.shape),
+                           x.data_ptr())
+        for name in self.outputs:
+            binding.bind_output(name, "cuda", x.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return [torch.from_dlpack(v.to_dlpack()).float() for v in binding.get_outputs()]
+
+
+@dataclass
+class OnnxRuntimeBackend:
+    """Exported ONNX graphs (see cvvae.export) in ONNX Runtime: CPU, or CUDA / TensorRT providers of onnxruntime-gpu."""
+
+    export_dir: Path
+    manifest: Any
+    encoder_graph: OrtComponent | None
+    decoder_graph: OrtComponent | None
+    precision: str
+    name: str = "onnxruntime"
+
+    @classmethod
+    def load(cls, export_dir: str | Path, *, device: str = "cpu", precision: str = "fp32",
+             components: tuple[str, ...] = ("encoder", "decoder"), threads: int | None = None,
+             providers: list[Any] | None = None) -> "OnnxRuntimeBackend":
+        from ..export.manifest import load_manifest
+
+        ort = lazy_import("onnxruntime", "the onnxruntime backend")
+        export_dir = Path(export_dir)
+        manifest = load_manifest(export_dir)
+        providers = providers or ort_providers(ort, device)
+        graphs = {}
+        for component in ("encoder", "decoder"):
+            if component not in components:
+                graphs[component] = None
+                continue
+            available = manifest.precisions(component)
+            if precision not in available:
+                raise InputError(
+                    f"{export_dir} has no {precision} {component} graph (it has: {', '.join(available) or 'none'}); "
+                    f"export it with `cvvae export --precisions {precision}`"
+                )
+            graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads)
+        return cls(export_dir, manifest, graphs["encoder"], graphs["decoder"], precision)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.manifest.model_config()
+
+    @property
+    def plan_settings(self) -> PlanSettings:
+        return self.manifest.plan_settings()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.manifest.identity()
+
+    def _graph(self, component: str) -> OrtComponent:
+        graph = getattr(self, f"{component}_graph")
+        if graph is None:
+            raise InputError(f"the {component} graph was not loaded; pass components including {component!r}")
+        return graph
+
+    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self._graph("encoder")(video)
+        return torch.cat([mean, logvar], dim=1)
+
+    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+        return self._graph("decoder")(latent)[0]
+
+
+def ort_providers(ort: Any, device: str) -> list[Any]:
+    """Execution providers for a device string: cpu, cuda[:N], tensorrt[:N]."""
+    kind, _, index = device.partition(":")
+    available = ort.get_available_providers()
+    wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
+              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(kind)
+    if wanted is None:
+        raise InputError(f"device {device!r} is not one of cpu, cuda[:N], tensorrt[:N] for the onnxruntime backend")
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BackendUnavailableError(
+            f"ONNX Runtime here offers {', '.join(available)}; {', '.join(missing)} needs onnxruntime-gpu "
+            "(uninstall onnxruntime first: the two must not be installed together)"
+        )
+    options = {"device_id": int(index or 0)}
+    return [(p, options) for p in wanted] + ["CPUExecutionProvider"]
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {"torch": TorchBackend.load, "onnxruntime": OnnxRuntimeBackend.load}
+
+
+def available_backends() -> dict[str, str]:
+    """Backend name -> 'ok' or the reason it is unavailable (for `cvvae doctor`)."""
+    status = {"torch": "ok"}
+    status["onnxruntime"] = "ok" if is_installed("onnxruntime") else INSTALL_HINTS["onnxruntime"]
+    if is_installed("tensorrt"):
+        status["tensorrt"] = "ok" if torch.cuda.is_available() else "tensorrt is installed but no CUDA GPU is visible"
+    else:
+        status["tensorrt"] = INSTALL_HINTS["tensorrt"]
+    return status

@@ -1,0 +1,68 @@
+"""Backend parity: the same input and plan on several backends, errors per component against the first one."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..codec_io import read_pixels
+from ..errors import InputError
+from .api import VideoVAE
+from .compare import ErrorStats, compare
+
+log = logging.getLogger(__name__)
+
+
+def load_input(path: Path, read_kwargs: dict[str, Any]) -> torch.Tensor:
+    """B,3,T,H,W pixels from a .npy file or a video."""
+    if path.suffix == ".npy":
+        x = read_pixels(path)
+        return x if x.ndim == 5 else x.unsqueeze(0)
+    from .video_io import frames_to_tensor, read_video
+
+    frames, _ = read_video(path, **read_kwargs)
+    return torch.from_numpy(frames_to_tensor(frames)).unsqueeze(0)
+
+
+def checkpoint_of(model_path: str | None) -> str | None:
+    """The checkpoint behind an export directory (its manifest records it), else the path itself."""
+    if model_path and (Path(model_path) / "manifest.json").exists():
+        from ..export.manifest import load_manifest
+
+        source = load_manifest(Path(model_path)).checkpoint_source()
+        if not source or not (source.startswith("random:") or Path(source).exists()):
+            raise InputError(f"{model_path} was exported from {source!r}, which is not available here; "
+                             "pass --model CHECKPOINT")
+        return source
+    return model_path
+
+
+def run_parity(input_path: Path, model_path: str | None, backends: list[str], *, precision: str = "fp32",
+               device: str = "cpu", read_kwargs: dict[str, Any] | None = None,
+               plan_overrides: dict[str, Any] | None = None) -> list[ErrorStats]:
+    """Encode (mean, logvar), decode (from the reference latents) and round trip on each backend."""
+    if len(backends) < 2:
+        raise InputError(f"parity needs at least two backends, got {backends}")
+    x = load_input(Path(input_path), read_kwargs or {})
+    checkpoint = checkpoint_of(model_path)
+    rows: list[ErrorStats] = []
+    ref = ref_latents = ref_pixels = None
+    for i, name in enumerate(backends):
+        path = model_path if name != "torch" else checkpoint
+        vae = VideoVAE.load(path, backend=name, device=device, precision="fp32" if i == 0 else precision,
+                            plan_overrides=plan_overrides)
+        latents = vae.encode(x)
+        if ref is None:
+            ref, ref_latents = name, latents
+            ref_pixels = vae.decode(latents)
+            continue
+        decoded = vae.decode(ref_latents)
+        round_trip = vae.decode(latents, check_model=False)
+        rows += [compare(f"{name}/encoder.mean", ref_latents.mean, latents.mean),
+                 compare(f"{name}/encoder.logvar", ref_latents.logvar, latents.logvar),
+                 compare(f"{name}/decoder.video", ref_pixels, decoded),
+                 compare(f"{name}/round_trip.video", ref_pixels, round_trip)]
+    return rows
