@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -66,22 +66,26 @@ class TorchBackend:
     model: Any
     precision: str = "fp32"
     name: str = "torch"
-    identity: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path | None, *, device: str = "cpu", precision: str = "fp32",
              preset: str | None = None) -> "TorchBackend":
-        from ..latent_io import model_identity
         from ..loading import load_model
 
         if precision not in TORCH_DTYPES:
             raise InputError(f"torch backend precision must be one of {sorted(TORCH_DTYPES)}, not {precision!r}")
         model = load_model(path, preset=preset, device=device, dtype=TORCH_DTYPES[precision])
-        return cls(model, precision, identity=model_identity(model))
+        return cls(model, precision)
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        from ..latent_io import model_identity
+
+        return model_identity(self.model)
 
     @property
     def plan_settings(self) -> PlanSettings:
