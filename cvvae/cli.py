@@ -37,7 +37,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (CVVAEError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
+        except (CVVAEError, OSError, ValueError) as e:
             raise click.ClickException(f"{type(e).__name__}: {e}") from e
 
     return wrapper
@@ -160,6 +160,8 @@ def _register() -> None:
     """Attach the commands that live in other modules (each module exposes click commands)."""
     for module_name, attrs in (
         ("cvvae.runtime.cli", ("encode", "decode", "reconstruct", "parity", "doctor")),
+        ("cvvae.export.cli", ("export", "inspect")),
+        ("cvvae.train_cli", ("train_command", "compat_command")),
     ):
         try:
             module = importlib.import_module(module_name)

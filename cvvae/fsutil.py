@@ -15,9 +15,13 @@ def check_writable_target(path: Path, *, overwrite: bool, what: str = "output") 
     """Refuse an existing target unless ``overwrite``; make sure the parent directory can be written."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{what} {path} already exists; pass --force (overwrite=True) to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {what} {path}: directory {parent} is not writable")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():  # the nearest existing ancestor decides whether the folders can be made
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot write {what} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise PermissionError(f"cannot write {what} {path}: directory {ancestor} is not writable")
 
 
 @contextlib.contextmanager

@@ -151,8 +151,6 @@ def encode(input_path: Path, output: Path, model_path, backend, device, precisio
     if output.suffix not in TENSOR_SUFFIXES:
         raise InputError(f"output {output} must end in .safetensors or .npy")
     check_writable_target(output, overwrite=force)
-    if not input_path.exists():
-        raise InputError(f"input {input_path} does not exist")
     vae = load_runtime(model_path, backend, device, precision, batch_tiles, preset, chunk_frames=chunk_frames,
                        tile_size=tile_size, tile_overlap=tile_overlap, no_tiling=no_tiling, no_chunking=no_chunking)
     latents, unbatched = encode_input(vae, input_path,
