@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,20 @@ def measure_once(model: str, frames: int, height: int, width: int, backend: str,
             "height": height, "width": width}
 
 
-def measure(model: str, frames: int, height: int, width: int, backend: str = "torch", threads: int = 1) -> dict:
-    """Measure in a fresh Python process so that peaks do not carry over."""
+def measure(model: str, frames: int, height: int, width: int, backend: str = "torch", threads: int = 1,
+            mmap_threshold: int | None = 1 << 20) -> dict:
+    """Measure in a fresh Python process so that peaks do not carry over.
+
+    ``mmap_threshold`` fixes glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_): by default glibc raises it as large
+    blocks are freed, so activation buffers drift onto the heap and the peak RSS wanders by tens of MB between
+    identical runs; a fixed threshold makes the figure repeatable. ``None`` keeps glibc's default behaviour.
+    """
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import streaming_memory as m; "
             f"print(json.dumps(m.measure_once({model!r}, {frames}, {height}, {width}, {backend!r}, {threads})))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
