@@ -122,20 +122,21 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     return kept, ignored
 
 
+# variant -> (prefix of encoder level i, the preset its other settings come from)
+_LEVEL_PREFIXES = {"sd3": ("encoder.down_blocks.{}.resnets.", "cvvae-sd3"), "v1": ("encoder.down.{}.block.", "cvvae-v1")}
+
+
 def infer_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     """Architecture from tensor names and shapes (for a bare state_dict without config.json or preset)."""
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks.")})
-        widths = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels)
-        layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
-        return get_preset("cvvae-sd3").replace(widths=widths, layers_per_block=layers,
+    for level_prefix, preset_name in _LEVEL_PREFIXES.values():
+        if level_prefix.format(0) + "0.conv1.weight" not in sd:
+            continue
+        widths = []
+        while level_prefix.format(len(widths)) + "0.conv1.weight" in sd:
+            widths.append(sd[level_prefix.format(len(widths)) + "0.conv1.weight"].shape[0])
+        layers = len({k[len(level_prefix.format(0)):].split(".")[0] for k in sd if k.startswith(level_prefix.format(0))})
+        return get_preset(preset_name).replace(widths=tuple(widths), layers_per_block=layers,
                                                latent_channels=sd["decoder.conv_in.weight"].shape[1])
-    if "encoder.down.0.block.0.conv1.weight" in sd:
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
-        widths = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels)
-        layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-        return get_preset("cvvae-v1").replace(widths=widths, layers_per_block=layers,
-                                              latent_channels=sd["decoder.conv_in.weight"].shape[1])
     raise CheckpointError("cannot infer the architecture from the checkpoint keys; give a config.json or a preset")
 
 
