@@ -67,7 +67,7 @@ class Conv2dWithExtraDim(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t = x.shape[:3]
         y = super().forward(x.transpose(1, 2).flatten(0, 1))
-        return y.unflatten(0, (b, t)).transpose(1, 2)
+        return y.reshape(b, t, y.shape[1], y.shape[2], y.shape[3]).transpose(1, 2)
 
 
 def conv3d(in_channels: int, out_channels: int, kernel_size: int, *, causal: bool, pad_mode: PadMode,
@@ -112,19 +112,11 @@ class ResnetBlock3D(nn.Module):
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-head exact attention over the token axis (N, L, C); softmax scale 1/sqrt(C)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    """Single-head exact attention over the token axis of (N, L, C); softmax scale 1/sqrt(C).
 
-
-def frames_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """B,C,T,H,W -> (B*T), H*W, C: one token sequence per frame."""
-    return x.transpose(1, 2).flatten(3).flatten(0, 1).transpose(1, 2)
-
-
-def tokens_to_frames(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B*T), H*W, C -> B,C,T,H,W shaped like ``like``."""
-    b, c, t, h, w = like.shape
-    return tokens.transpose(1, 2).unflatten(0, (b, t)).unflatten(3, (h, w)).transpose(1, 2)
+    Passed to SDPA as (N, 1, L, C), the 4D form every exporter translates.
+    """
+    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
 
 
 class SpatialAttentionV1(nn.Module):
@@ -154,15 +146,15 @@ class SpatialAttentionV1(nn.Module):
         frames = x.transpose(1, 2).flatten(0, 1)  # (B*T), C, H, W
         hn = self.norm(frames)
         q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
-        a = _attend(q, k, v).transpose(1, 2).unflatten(2, (h, w))
-        return self.proj_out(a).unflatten(0, (b, t)).transpose(1, 2)
+        a = _attend(q, k, v).transpose(1, 2).reshape(b * t, c, h, w)
+        return self.proj_out(a).reshape(b, t, c, h, w).transpose(1, 2)
 
     def _temporal(self, s: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = s.shape
         tokens = s.permute(0, 3, 4, 2, 1).flatten(0, 2)  # (B*H*W), T, C
         n = self.norm_t(tokens)
         u = self.proj_out_t(_attend(self.q_t(n), self.k_t(n), self.v_t(n)))
-        return u.unflatten(0, (b, h, w)).permute(0, 4, 3, 1, 2)
+        return u.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._spatial(x)
@@ -187,8 +179,8 @@ class SpatialAttentionSD3(nn.Module):
         frames = x.transpose(1, 2).flatten(0, 1)
         tokens = self.group_norm(frames).flatten(2).transpose(1, 2)
         a = _attend(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
-        out = self.to_out[0](a).transpose(1, 2).unflatten(2, (h, w))
-        return x + out.unflatten(0, (b, t)).transpose(1, 2)
+        out = self.to_out[0](a).transpose(1, 2).reshape(b, t, c, h, w)
+        return x + out.transpose(1, 2)
 
 
 class Downsample3D(nn.Module):
@@ -240,5 +232,5 @@ class Upsample3D(nn.Module):
         if self.factor == 1:
             return y
         b, _, t, h, w = y.shape
-        y = y.unflatten(1, (self.factor, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+        y = y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
         return y[:, :, 1:]

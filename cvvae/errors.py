@@ -17,3 +17,7 @@ class InputError(CVVAEError, ValueError):
 
 class BackendUnavailableError(CVVAEError, RuntimeError):
     """An inference backend whose package or device is missing."""
+
+
+class ExportError(CVVAEError, RuntimeError):
+    """An export that cannot be done or did not verify, or an export directory that cannot be read."""

@@ -1,0 +1,321 @@
+"""Verification of exported graphs: ONNX Runtime (CPU) against the PyTorch reference, and static TensorRT checks.
+
+Comparisons are data: one :class:`OutputComparison` per (case, output) with max/mean/p99 absolute error, like
+Polygraphy's ``OutputCompareResult``; a :class:`VerificationReport` collects them per graph file and goes into the
+manifest. The reference is the raw PyTorch encoder/decoder in fp32 (no chunking or tiling), run on small synthetic
+clips at shapes other than the export sample: T = 1, 5, 17 frames, non-square sizes, batch 1 and 2.
+
+Tolerances (:data:`TOLERANCES`): a check passes when ``max_abs <= atol + rtol * max|reference|`` and
+``mean_abs <= mean_atol``.
+
+* fp32: 1e-4 max abs (no relative part): the graph computes what PyTorch computes, up to summation order.
+* fp16: 1e-2 + 1e-2 * max|reference| max abs, and 2e-3 mean abs: fp16 keeps 11 significant bits (relative step
+  4.9e-4) and the rounding compounds over ~40 convolutions and 30 normalisations. Measured errors (docs/export.md:
+  full-size v1 up to 8e-3 on decoded pixels, 3e-3 on latents; means below 1e-3) sit 2-5x below these limits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from cvvae.export import contract
+from cvvae.export.precision import Precision
+from cvvae.model import CVVAE
+
+log = logging.getLogger(__name__)
+
+
+# ----- tolerances and results -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tolerance:
+    """``max_abs <= atol + rtol * max|reference|`` and (when set) ``mean_abs <= mean_atol``."""
+
+    atol: float
+    rtol: float = 0.0
+    mean_atol: float | None = None
+
+    def limit(self, reference_max_abs: float) -> float:
+        return self.atol + self.rtol * reference_max_abs
+
+
+TOLERANCES: dict[Precision, Tolerance] = {
+    Precision.FP32: Tolerance(atol=1e-4),
+    Precision.FP16: Tolerance(atol=1e-2, rtol=1e-2, mean_atol=2e-3),
+}
+# fp16 encoder feeding the fp16 decoder (a TensorRT fp16 pipeline): the latent's fp16 error passes through the decoder
+# too. Checked by tests/test_export_fp16.py, not by export (which verifies each graph against its own reference).
+FP16_END_TO_END = Tolerance(atol=3e-2, rtol=2e-2, mean_atol=5e-3)
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """Errors of one output of one case, and whether they are within the tolerance."""
+
+    component: str
+    precision: str
+    case: str
+    output: str
+    shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    reference_max_abs: float
+    limit: float
+    mean_limit: float | None = None
+    nonfinite: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return (self.nonfinite == 0 and self.max_abs <= self.limit
+                and (self.mean_limit is None or self.mean_abs <= self.mean_limit))
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["passed"] = self.passed
+        return d
+
+
+def compare(actual: np.ndarray, reference: np.ndarray, tolerance: Tolerance, *, component: str = "",
+            precision: str = "", case: str = "", output: str = "") -> OutputComparison:
+    """Absolute errors of ``actual`` against ``reference`` (both cast to float64)."""
+    if actual.shape != reference.shape:
+        raise ValueError(f"{component} {output} {case}: shape {actual.shape} != reference {reference.shape}")
+    a = actual.astype(np.float64)
+    r = reference.astype(np.float64)
+    finite = np.isfinite(a)
+    err = np.abs(np.where(finite, a, 0.0) - r)
+    ref_max = float(np.abs(r).max()) if r.size else 0.0
+    return OutputComparison(
+        component=component, precision=precision, case=case, output=output, shape=tuple(actual.shape),
+        max_abs=float(err.max()) if err.size else 0.0,
+        mean_abs=float(err.mean()) if err.size else 0.0,
+        p99_abs=float(np.quantile(err, 0.99)) if err.size else 0.0,
+        reference_max_abs=ref_max, limit=tolerance.limit(ref_max), mean_limit=tolerance.mean_atol,
+        nonfinite=int((~finite).sum()),
+    )
+
+
+@dataclass
+class VerificationReport:
+    """All comparisons of one graph file."""
+
+    component: str
+    precision: str
+    file: str
+    tolerance: Tolerance
+    comparisons: list[OutputComparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def worst(self) -> dict[str, float]:
+        """Largest errors per output over all cases."""
+        out: dict[str, float] = {}
+        for c in self.comparisons:
+            out[c.output] = max(out.get(c.output, 0.0), c.max_abs)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": "passed" if self.passed else "failed",
+            "reference": "pytorch-fp32",
+            "runtime": "onnxruntime-cpu",
+            "tolerance": asdict(self.tolerance),
+            "max_abs_by_output": self.worst(),
+            "comparisons": [c.as_dict() for c in self.comparisons],
+        }
+
+
+def format_table(comparisons: Sequence[OutputComparison]) -> str:
+    """A fixed-width table of comparisons (the CLI prints it; export errors carry it)."""
+    header = f"{'component':<9} {'prec':<5} {'case':<22} {'output':<7} {'max_abs':>9} {'mean_abs':>9} " \
+             f"{'p99_abs':>9} {'|ref|max':>9} {'limit':>9}  ok"
+    lines = [header, "-" * len(header)]
+    for c in comparisons:
+        lines.append(f"{c.component:<9} {c.precision:<5} {c.case:<22} {c.output:<7} {c.max_abs:>9.2e} "
+                     f"{c.mean_abs:>9.2e} {c.p99_abs:>9.2e} {c.reference_max_abs:>9.3g} {c.limit:>9.2e}  "
+                     f"{'yes' if c.passed else 'NO' + (f' ({c.nonfinite} non-finite)' if c.nonfinite else '')}")
+    return "\n".join(lines)
+
+
+# ----- inputs ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyCase:
+    """A pixel-space shape; the decoder's case is the latent of that clip."""
+
+    batch: int
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_t{self.frames}_{self.height}x{self.width}"
+
+
+# T = 1, 5, 17 (latents 1, 2, 5); non-square; batch 2 in one case. Tiny sizes keep a full-size check cheap.
+DEFAULT_CASES = (VerifyCase(1, 1, 24, 40), VerifyCase(2, 5, 32, 24), VerifyCase(1, 17, 16, 32))
+CALIBRATION_CASE = VerifyCase(1, 9, 24, 32)
+
+
+def smooth_video(case: VerifyCase, *, seed: int) -> torch.Tensor:
+    """A deterministic clip in [-1, 1] with natural-image-like statistics: smooth colour fields plus fine noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(case.batch, 3, max(2, case.frames // 4 + 1), case.height // 8 + 2, case.width // 8 + 2,
+                         generator=g)
+    x = F.interpolate(coarse, size=(case.frames, case.height, case.width), mode="trilinear", align_corners=True)
+    x = 0.6 * torch.tanh(x) + 0.05 * torch.randn(x.shape, generator=g)
+    return x.clamp(-1, 1)
+
+
+@dataclass
+class ReferenceCase:
+    name: str
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def _component_io(model: CVVAE, components: Sequence[str], clip: torch.Tensor) -> dict[str, tuple[dict, dict]]:
+    """(inputs, outputs) per component for one clip; the decoder decodes the clip's latent mean."""
+    mean, logvar = torch.chunk(model.encoder(clip), 2, 1)
+    io: dict[str, tuple[dict, dict]] = {}
+    if contract.ENCODER in components:
+        outputs = dict(zip(contract.ENCODER_OUTPUTS, (mean.numpy(), logvar.numpy())))
+        io[contract.ENCODER] = ({contract.ENCODER_INPUT: clip.numpy()}, outputs)
+    if contract.DECODER in components:
+        io[contract.DECODER] = ({contract.DECODER_INPUT: mean.numpy()},
+                                {contract.DECODER_OUTPUT: model.decoder(mean).numpy()})
+    return io
+
+
+def reference_cases(model: CVVAE, components: Sequence[str] = contract.COMPONENTS,
+                    cases: Sequence[VerifyCase] = DEFAULT_CASES, *, seed: int = 0) -> dict[str, list[ReferenceCase]]:
+    """Inputs and PyTorch outputs (``model`` in fp32) per component and case; the decoder's input is the clip's
+    latent mean, so it sees realistic latents."""
+    model.eval()
+    out: dict[str, list[ReferenceCase]] = {c: [] for c in components}
+    for k, case in enumerate(cases):
+        for component, (inputs, outputs) in _component_io(model, components, smooth_video(case, seed=seed + k)).items():
+            out[component].append(ReferenceCase(case.name, inputs, outputs))
+    return out
+
+
+def calibration_feeds(model: CVVAE, components: Sequence[str] = contract.COMPONENTS, *,
+                      seed: int = 1234) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Inputs per component for measuring value ranges (fp16 rule): a clip unlike the verification clips."""
+    io = _component_io(model.eval(), components, smooth_video(CALIBRATION_CASE, seed=seed))
+    return {c: [inputs] for c, (inputs, _) in io.items()}
+
+
+# ----- running graphs -------------------------------------------------------------------------------------------
+def ort_session(path: str | Path, *, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def run_graph(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with inputs cast to the graph's input dtypes; outputs come back as float32."""
+    cast = {i.name: _NP.get(i.type, np.float32) for i in session.get_inputs()}
+    results = session.run(None, {k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items()})
+    return {o.name: r.astype(np.float32) for o, r in zip(session.get_outputs(), results)}
+
+
+def verify_graph(path: str | Path, component: str, precision: Precision | str, cases: Sequence[ReferenceCase],
+                 tolerance: Tolerance | None = None) -> VerificationReport:
+    """Run the graph on every case in ONNX Runtime CPU and compare each output with the PyTorch reference."""
+    precision = Precision(precision)
+    tolerance = tolerance or TOLERANCES[precision]
+    session = ort_session(path)
+    report = VerificationReport(component, precision.value, Path(path).name, tolerance)
+    for case in cases:
+        got = run_graph(session, case.inputs)
+        for name, ref in case.outputs.items():
+            report.comparisons.append(compare(got[name], ref, tolerance, component=component,
+                                              precision=precision.value, case=case.name, output=name))
+    return report
+
+
+# ----- static TensorRT readiness ----------------------------------------------------------------------------------
+# ONNX operators the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md), minus GroupNormalization
+# (version 21 fails in TensorRT 10.7 and ONNX Runtime's CUDA provider; the exporters lower GroupNorm to
+# InstanceNormalization instead).
+TENSORRT_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip Concat
+Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Einsum Elu Equal Erf
+Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater
+GreaterOrEqual HardSigmoid HardSwish Identity InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax MatMul Max MaxPool Mean Min Mish Mod Mul Neg NonZero Not OneHot Or Pad Pow PRelu
+QuantizeLinear Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements ScatterND Selu Shape Shrink Sigmoid
+Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu
+Tile TopK Transpose Trilu Unsqueeze Where Xor
+""".split())
+
+_DOUBLE = onnx.TensorProto.DOUBLE
+
+
+def check_tensorrt_ready(model: onnx.ModelProto) -> list[str]:
+    """Problems that would stop or slow a TensorRT build; an empty list means ready.
+
+    Checks: default-domain opset in 17-20; only operators from :data:`TENSORRT_OPS` (so no GroupNormalization of
+    any version, no contrib ops); Pad's optional ``axes`` input, when present, is a constant; no float64 anywhere;
+    every Cast target is a dtype TensorRT has.
+    """
+    issues: list[str] = []
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    opset = opsets.get("", opsets.get("ai.onnx"))
+    if opset is None or not contract.OPSET_MIN <= opset <= contract.OPSET_MAX:
+        issues.append(f"default-domain opset {opset} is outside {contract.OPSET_MIN}-{contract.OPSET_MAX}")
+    constants = {i.name for i in model.graph.initializer}
+    constants.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    bad_ops: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_OPS:
+            bad_ops[key] = bad_ops.get(key, 0) + 1
+        if node.op_type == "Pad" and len(node.input) > 3 and node.input[3] and node.input[3] not in constants:
+            issues.append(f"Pad {node.name}: axes input {node.input[3]!r} is not a constant")
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to == _DOUBLE:
+                issues.append(f"Cast {node.name} casts to float64")
+    for op, count in sorted(bad_ops.items()):
+        hint = " (export at opset <= 20 with InstanceNormalization)" if op == "GroupNormalization" else ""
+        issues.append(f"operator {op} x{count} is not on the TensorRT allow-list{hint}")
+    doubles = [i.name for i in model.graph.initializer if i.data_type == _DOUBLE]
+    doubles += [v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)
+                if v.type.tensor_type.elem_type == _DOUBLE]
+    if doubles:
+        issues.append(f"{len(doubles)} float64 tensors (e.g. {doubles[0]}); TensorRT has no float64")
+    return issues
+
+
+def nonfinite_count(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum((~np.isfinite(a)).sum() for a in arrays.values()))
+
+
+__all__ = ["Tolerance", "TOLERANCES", "FP16_END_TO_END", "OutputComparison", "VerificationReport", "VerifyCase",
+           "DEFAULT_CASES",
+           "compare", "format_table", "smooth_video", "reference_cases", "calibration_feeds", "verify_graph",
+           "run_graph", "ort_session", "check_tensorrt_ready", "TENSORRT_OPS"]
