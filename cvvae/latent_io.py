@@ -34,18 +34,22 @@ class LatentFile:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def model_identity(model: Any) -> dict[str, Any]:
-    """What ties a latent to the model that made it."""
-    cfg = model.config
-    info = getattr(model, "checkpoint_info", None)
+def identity(cfg: Any, sha256: str | None, source: str | None) -> dict[str, Any]:
+    """What ties a latent to the model that made it (recorded in latent files, checked when decoding)."""
     return {
         "variant": cfg.variant,
         "latent_channels": cfg.latent_channels,
-        "model_sha256": getattr(info, "sha256", None),
-        "model_source": getattr(info, "source", None),
+        "model_sha256": sha256,
+        "model_source": source,
         "scaling_factor": cfg.scaling_factor,
         "shift_factor": cfg.shift_factor,
     }
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """:func:`identity` of a loaded PyTorch model."""
+    info = getattr(model, "checkpoint_info", None)
+    return identity(model.config, getattr(info, "sha256", None), getattr(info, "source", None))
 
 
 def save_latents(path: str | Path, mean: torch.Tensor, logvar: torch.Tensor | None, *, num_frames: int,

@@ -230,7 +230,7 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
     """Export a checkpoint once into the user cache (keyed by its sha256) for the onnxruntime backend."""
     import os
 
-    from ..export.to_onnx import export_model
+    from ..export.to_onnx import ExportConfig, export_model
     from ..loading import load_model
 
     model = load_model(path)
@@ -240,6 +240,6 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
     if not (target / "manifest.json").exists():
         log.warning("exporting %s to %s for the onnxruntime backend (once)", model.checkpoint_info.source, target)
         t0 = time.perf_counter()
-        export_model(model, target, precisions=(precision,))
+        export_model(model, target, ExportConfig(precisions=(precision,)))
         log.info("export took %.1f s", time.perf_counter() - t0)
     return target

@@ -185,7 +185,9 @@ class OnnxRuntimeBackend:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return self.manifest.identity()
+        from ..latent_io import identity
+
+        return identity(self.config, self.manifest.checkpoint.get("sha256"), self.manifest.checkpoint.get("source"))
 
     def _graph(self, component: str) -> OrtComponent:
         graph = getattr(self, f"{component}_graph")
@@ -231,3 +233,4 @@ def available_backends() -> dict[str, str]:
     else:
         status["tensorrt"] = INSTALL_HINTS["tensorrt"]
     return status
+BACKENDS["tensorrt"] = lambda path, **kw: importlib.import_module("cvvae.engines.trt_backend").load_tensorrt_backend(path, **kw)

@@ -32,7 +32,7 @@ def checkpoint_of(model_path: str | None) -> str | None:
     if model_path and (Path(model_path) / "manifest.json").exists():
         from ..export.manifest import load_manifest
 
-        source = load_manifest(Path(model_path)).checkpoint_source()
+        source = load_manifest(Path(model_path)).checkpoint.get("source")
         if not source or not (source.startswith("random:") or Path(source).exists()):
             raise InputError(f"{model_path} was exported from {source!r}, which is not available here; "
                              "pass --model CHECKPOINT")
