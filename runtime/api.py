@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
 from ..model import LOGVAR_MAX, LOGVAR_MIN
 from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
-from .backends import BACKENDS, Backend, lazy_import
+from .backends import BACKENDS, Backend
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,9 @@ class VideoVAE:
         cache (keyed by the checkpoint's sha256) and reused.
         """
         if backend not in BACKENDS:
-            if backend == "tensorrt":
-                lazy_import("tensorrt", "the tensorrt backend")
-                raise InputError("the tensorrt backend needs engines built by `cvvae build-engines`")
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        if backend == "tensorrt" and device == "cpu":
+            device = "cuda"  # engines run on a GPU; "cpu" is only the CLI-wide default
         if backend == "onnxruntime" and (path is None or not (Path(path) / "manifest.json").exists()):
             path = cached_export(path, precision=precision)
         impl = BACKENDS[backend](path, device=device, precision=precision, **backend_kwargs)

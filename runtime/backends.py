@@ -221,7 +221,15 @@ def ort_providers(ort: Any, device: str) -> list[Any]:
     return [(p, options) for p in wanted] + ["CPUExecutionProvider"]
 
 
-BACKENDS: dict[str, Callable[..., Any]] = {"torch": TorchBackend.load, "onnxruntime": OnnxRuntimeBackend.load}
+def load_tensorrt(path: str | Path, **kwargs: Any) -> Any:
+    """TensorRT engines (cvvae.engines), imported only when asked for."""
+    from ..engines.trt_backend import load_tensorrt_backend
+
+    return load_tensorrt_backend(path, **kwargs)
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {"torch": TorchBackend.load, "onnxruntime": OnnxRuntimeBackend.load,
+                                           "tensorrt": load_tensorrt}
 
 
 def available_backends() -> dict[str, str]:
@@ -233,4 +241,4 @@ def available_backends() -> dict[str, str]:
     else:
         status["tensorrt"] = INSTALL_HINTS["tensorrt"]
     return status
-BACKENDS["tensorrt"] = lambda path, **kw: importlib.import_module("cvvae.engines.trt_backend").load_tensorrt_backend(path, **kw)
+

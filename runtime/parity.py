@@ -30,9 +30,11 @@ def load_input(path: Path, read_kwargs: dict[str, Any]) -> torch.Tensor:
 def checkpoint_of(model_path: str | None) -> str | None:
     """The checkpoint behind an export directory (its manifest records it), else the path itself."""
     if model_path and (Path(model_path) / "manifest.json").exists():
+        from ..engines.sidecar import is_engine_dir, load_engine_dir
         from ..export.manifest import load_manifest
 
-        source = load_manifest(Path(model_path)).checkpoint.get("source")
+        path = Path(model_path)
+        source = (load_engine_dir(path) if is_engine_dir(path) else load_manifest(path)).checkpoint.get("source")
         if not source or not (source.startswith("random:") or Path(source).exists()):
             raise InputError(f"{model_path} was exported from {source!r}, which is not available here; "
                              "pass --model CHECKPOINT")
