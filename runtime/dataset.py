@@ -589,6 +589,15 @@ class DatasetDir:
             f.flush()
             yield
 
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files a killed run left (call with the lock held: no writer is running)."""
+        stale = [p for d in (self.root, self.root / "shards") if d.is_dir() for p in d.glob(".*.tmp-*")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d temporary files of an interrupted run", len(stale))
+        return stale
+
     # ----- plan
     def load_plan(self) -> DatasetPlan | None:
         if not self.plan_path.exists():
@@ -996,6 +1005,7 @@ def encode_dataset(inputs: str | Path | Sequence[str | Path], out_dir: str | Pat
     out = DatasetDir(out_dir)
     t0 = time.perf_counter()
     with out.locked():
+        out.remove_temporaries()
         plan = out.load_plan()
         if plan is not None and plan.fingerprint != plan_fingerprint(rows, settings):
             raise DatasetError(f"{out.root} holds a dataset planned from another manifest or other settings "
@@ -1020,6 +1030,7 @@ def encode_dataset(inputs: str | Path | Sequence[str | Path], out_dir: str | Pat
             report.plan_s = time.perf_counter() - t0
             writer = ShardWriter(out, plan, state, report, max_encode_errors=max_encode_errors)
             writer.flush(force=True)
+            out.compact_journal()  # index.json now holds every verified entry; a torn last line goes with it
             done = 0
             try:
                 for result in ex.encode(clips):

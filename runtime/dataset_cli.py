@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import click
-from click.core import ParameterSource
 
 from cvvae.cli import handle_errors, plan_overrides
 from cvvae.runtime.cli import _hw, load_runtime, progress_bar, runtime_options
-from cvvae.runtime.dataset import (ClipPolicy, DatasetError, EncoderSpec, RayOptions, dataset_stats as
-                                   collect_stats, decode_dataset as decode_clips, encode_dataset as encode_clips)
+from cvvae.runtime import dataset as ds
+from cvvae.runtime.dataset import ClipPolicy, DatasetError, EncoderSpec, RayOptions
 
 
 def _model_arg(model_path: str | None) -> str | None:
@@ -34,7 +34,8 @@ def _model_arg(model_path: str | None) -> str | None:
               help="auto (the cluster of this node), HOST:6379 or ray://HOST:10001. Default: start a local Ray "
                    "instance sized to this machine (RAY_ADDRESS is honoured).")
 @click.option("--ray-runtime-env", default=None, metavar="JSON",
-              help='Ray runtime_env for the workers, e.g. \'{"pip": ["/shared/cvvae_deploy-0.1.0-py3-none-any.whl"]}\'.')
+              help="Ray runtime_env (JSON) for the workers, e.g. a pip list with the cvvae-deploy wheel; see "
+                   "docs/dataset-encoding.md.")
 @click.option("--encoders", type=int, default=None,
               help="Encoder actors (one model each). Default: one per GPU, else CPUs - 1 (one CPU decodes).")
 @click.option("--clip-frames", type=int, default=17, show_default=True, help="Frames per clip (1+4k).")
@@ -61,12 +62,9 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
                    clip_step, max_clips_per_video, sizes, resize, clips_per_shard, latents, seed, verify,
                    max_encode_errors, as_json, model_path, backend, device, precision, batch_tiles, preset,
                    **plan_kw) -> None:
-    """Encode the clips of INPUTS (directory, glob, path list, CSV/Parquet manifest) into latent shards.
-
-    --device defaults to cuda when the Ray cluster (or this machine, with --executor local) has GPUs.
-    """
-    if click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
-        device = "auto"
+    """Encode the clips of INPUTS (directory, glob, path list, CSV/Parquet manifest) into latent shards."""
+    if executor == "local" and (ray_address or ray_runtime_env or (encoders or 1) > 1):
+        raise click.UsageError("--ray-address, --ray-runtime-env and --encoders > 1 need --executor ray")
     try:
         runtime_env = json.loads(ray_runtime_env) if ray_runtime_env else None
     except json.JSONDecodeError as e:
@@ -76,9 +74,10 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
     spec = EncoderSpec(_model_arg(model_path), backend, device, precision, batch_tiles, preset,
                        plan_overrides(**plan_kw), latents, seed)
     with progress_bar("encode-dataset", None) as update:
-        report = encode_clips(list(inputs), output, policy=policy, encoder=spec, clips_per_shard=clips_per_shard,
-                              executor=executor, ray=RayOptions(ray_address, runtime_env, encoders),
-                              verify=verify, max_encode_errors=max_encode_errors, on_progress=update)
+        report = ds.encode_dataset(list(inputs), output, policy=policy, encoder=spec,
+                                   clips_per_shard=clips_per_shard, executor=executor,
+                                   ray=RayOptions(ray_address, runtime_env, encoders), verify=verify,
+                                   max_encode_errors=max_encode_errors, on_progress=update)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -94,6 +93,12 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
     if report.shards_failed:
         raise DatasetError(f"{report.shards_failed} shards had clips that failed to encode (see "
                            f"{output / 'errors.jsonl'}); rerun the same command to retry them")
+
+
+for _param in encode_dataset.params:  # the shared runtime options default to cpu; a dataset job looks at the cluster
+    if _param.name == "device":
+        _param.default = "auto"
+        _param.help = "auto (cuda when the Ray cluster or this machine has GPUs), cpu, cuda[:N]."
 
 
 @click.command("decode-dataset")
@@ -118,8 +123,8 @@ def decode_dataset(dataset, output, shards, limit, fmt, crf, force, model_path, 
             count["frames"] += frames
             update(count["frames"], None)
 
-        decode_clips(dataset, output, vae, shards=shards or None, limit=limit, fmt=fmt, crf=crf, overwrite=force,
-                     on_clip=on_clip)
+        ds.decode_dataset(dataset, output, vae, shards=shards or None, limit=limit, fmt=fmt, crf=crf,
+                          overwrite=force, on_clip=on_clip)
     click.echo(f"{dataset} -> {output}: {count['clips']} clips, {count['frames']} frames")
 
 
@@ -129,7 +134,7 @@ def decode_dataset(dataset, output, shards, limit, fmt, crf, force, model_path, 
 @handle_errors
 def dataset_stats(dataset: Path, as_json: bool) -> None:
     """Counts, frames, throughput and errors of an encode-dataset folder."""
-    stats = collect_stats(dataset)
+    stats = ds.dataset_stats(dataset)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
