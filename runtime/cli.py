@@ -62,7 +62,8 @@ def video_read_options(fn):
     return fn
 
 
-def _hw(value: str | None, option: str) -> tuple[int, int] | None:
+def parse_hw(value: str | None, option: str) -> tuple[int, int] | None:
+    """``"256x448"`` -> ``(256, 448)`` (None stays None); a bad value is a usage error naming ``option``."""
     if value is None:
         return None
     try:
@@ -74,8 +75,8 @@ def _hw(value: str | None, option: str) -> tuple[int, int] | None:
 
 def read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_crop) -> dict[str, Any]:
     kw: dict[str, Any] = {"start": start, "end": end, "stride": stride, "max_frames": max_frames,
-                          "size": _hw(size, "--size"), "resize_short_side": resize_short_side,
-                          "center_crop": _hw(center_crop, "--center-crop")}
+                          "size": parse_hw(size, "--size"), "resize_short_side": resize_short_side,
+                          "center_crop": parse_hw(center_crop, "--center-crop")}
     return {k: v for k, v in kw.items() if v is not None}
 
 
