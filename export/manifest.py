@@ -45,7 +45,7 @@ class GraphFile:
 
     path: str                      # relative to the export directory
     sha256: str
-    precision: str                 # "fp32" | "fp16"
+    precision: str                 # "fp32" | "fp16" | "int8"
     external_data: bool
     io_dtypes: dict[str, str]      # tensor name -> "float32" | "float16": what to feed and what comes back
     size_bytes: int
@@ -54,6 +54,7 @@ class GraphFile:
     verified: dict[str, Any] = field(default_factory=dict)
     fp16_rule: dict[str, Any] | None = None   # which nodes stayed fp32 and why (lower precisions only)
     op_counts: dict[str, int] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # int8 only: method, data, exclusions, sensitivity (cvvae.calibration)
 
     @classmethod
     def describe(cls, path: Path, *, precision: str, external_data: bool, verified: dict[str, Any],
@@ -231,6 +232,14 @@ def build_manifest(model, components: dict[str, ComponentEntry], *, opset: int, 
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         export_seconds=None if seconds is None else round(seconds, 2),
     )
+
+
+def add_graph_file(manifest: ExportManifest, component: str, precision: str, graph: GraphFile) -> None:
+    """Register (or replace) the ``precision`` file of ``component``, e.g. an int8 graph made after export."""
+    entry = manifest.component(component)
+    if graph.precision != precision:
+        raise ExportError(f"graph {graph.path} is {graph.precision}, not {precision}")
+    entry.files[precision] = graph
 
 
 def write_manifest(directory: str | Path, manifest: ExportManifest, *, overwrite: bool = True) -> Path:
