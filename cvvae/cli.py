@@ -1,7 +1,7 @@
 """The ``cvvae`` command line: thin click commands over the public API.
 
 Each command builds config objects and calls library functions; nothing here is reachable only through the CLI.
-Commands of other parts of the toolkit (export, runtime, training, ...) register themselves in :func:`_register`.
+Commands of other parts of the toolkit (export, runtime, training, ...) are listed in :data:`LAZY_COMMANDS`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import click
 
 from .errors import CVVAEError
 
-log = logging.getLogger("cvvae")
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -99,7 +98,43 @@ def load_from_options(model_path: str | None, preset: str | None, subfolder: str
                       trust_pickle=trust_checkpoint)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in other modules: name -> "module:attribute". They are imported when asked for, so importing
+# any command module first (e.g. cvvae.runtime.cli) cannot run into a half-initialised cvvae.cli.
+LAZY_COMMANDS = {
+    "encode": "cvvae.runtime.cli:encode",
+    "decode": "cvvae.runtime.cli:decode",
+    "reconstruct": "cvvae.runtime.cli:reconstruct",
+    "parity": "cvvae.runtime.cli:parity",
+    "doctor": "cvvae.runtime.cli:doctor",
+    "export": "cvvae.export.cli:export",
+    "inspect": "cvvae.export.cli:inspect",
+    "build-engines": "cvvae.engines.cli:build_engines",
+    "calibrate": "cvvae.calibration.cli:calibrate",
+    "accuracy": "cvvae.calibration.cli:accuracy",
+    "bench": "cvvae.runtime.bench_cli:bench",
+    "report": "cvvae.runtime.bench_cli:report",
+    "train": "cvvae.train_cli:train_command",
+    "compat": "cvvae.train_cli:compat_command",
+    "encode-dataset": "cvvae.runtime.dataset_cli:encode_dataset",
+    "decode-dataset": "cvvae.runtime.dataset_cli:decode_dataset",
+    "dataset-stats": "cvvae.runtime.dataset_cli:dataset_stats",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands in :data:`LAZY_COMMANDS` are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """CV-VAE deployment toolkit: reference model, ONNX export, engines and a chunked streaming runtime."""
@@ -154,22 +189,3 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
         click.echo(f"             decode chunks (latents) {p['decode_chunks_latents']}")
         click.echo(f"             tile rows px {p['tile_rows_px']}, cols px {p['tile_cols_px']}, "
                    f"overlap {p['tile_overlap_px']} px")
-
-
-def _register() -> None:
-    """Attach the commands that live in other modules (each module exposes click commands)."""
-    for module_name, attrs in (
-        ("cvvae.runtime.cli", ("encode", "decode", "reconstruct", "parity", "doctor")),
-        ("cvvae.export.cli", ("export", "inspect")),
-        ("cvvae.train_cli", ("train_command", "compat_command")),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:  # a missing optional part must not break `cvvae --help`
-            log.debug("commands of %s unavailable: %s", module_name, e)
-            continue
-        for attr in attrs:
-            main.add_command(getattr(module, attr))
-
-
-_register()
