@@ -139,8 +139,9 @@ class VideoVAE:
                       on_progress: ProgressFn | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]]:
         """Yield (mean, logvar, plan) for each temporal chunk as soon as its frames have arrived.
 
-        ``frame_chunks`` yields frames in any grouping (uint8 or float, as :meth:`encode` takes). The plan of the
-        last item has the true frame count.
+        ``frame_chunks`` yields frames in any grouping (uint8 or float, as :meth:`encode` takes). The last item
+        carries the final plan (the true frame count); when the last chunk ended on the last frame its tensors are
+        empty.
         """
         streamer: tiling.StreamingEncoder | None = None
         plan: VideoPlan | None = None
@@ -164,15 +165,20 @@ class VideoVAE:
         if streamer is None:
             raise InputError("no frames to encode: the input is empty")
         final = self.plan(frames_done, plan.height, plan.width)
-        for moments in streamer.finish():
+        tail = list(streamer.finish())
+        if not tail:  # the last chunk ended on the last frame: still hand over the final plan
+            empty = torch.empty(0)
+            yield empty, empty, final
+        for moments in tail:
             yield (*_split_moments(moments), final)
 
     def _collect(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]],
                  metadata: dict[str, Any] | None) -> Latents:
         means, logvars, plan = [], [], None
         for mean, logvar, plan in stream:
-            means.append(mean)
-            logvars.append(logvar)
+            if mean.numel():
+                means.append(mean)
+                logvars.append(logvar)
         meta = {**self.backend.identity, "plan": plan.describe(), "backend": self.backend.name,
                 "precision": self.backend.precision, **(metadata or {})}
         return Latents(torch.cat(means, 2), torch.cat(logvars, 2), plan.num_frames, plan.height, plan.width, meta)
