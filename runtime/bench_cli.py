@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from cvvae.cli import handle_errors
-from cvvae.errors import InputError
+from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import check_writable_target
+from cvvae.runtime.backends import is_installed
 from cvvae.runtime.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
 from cvvae.runtime.cli import read_kwargs, video_read_options
 from cvvae.runtime.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
@@ -36,9 +37,9 @@ def _echo_progress(message: str) -> None:
 
 @click.command()
 @click.option("--model", "models", multiple=True, metavar="PATH",
-              help="Checkpoint, export dir, random:PRESET or 'default' (repeatable). "
-                   "Default: random:cvvae-v1 and the built-in default model; --quick: the default model, else "
-                   "random:tiny-v1.")
+              help="Checkpoint, export or engine dir, random:PRESET or 'default' (repeatable). "
+                   "Default: random:cvvae-v1 and the built-in default model (the full sweeps take hours on a CPU); "
+                   "--quick: the default model, else random:tiny-v1.")
 @click.option("--quick", is_flag=True, help="Small sweep: 17/65 frames at 16x16, sizes 16x16 and 32x32, 2 reps, "
                                            "1 thread (a smoke test; options given override it).")
 @click.option("--targets", default=None, show_default=",".join(DEFAULT_TARGETS),
@@ -66,6 +67,8 @@ def bench(models, quick, targets, ops, frames, frame_size, sizes, size_frames, r
     the machine's GEMM peak, peak memory, and the ratio to the reference."""
     if out_dir is not None:
         check_writable_target(out_dir, overwrite=force, what="bench output directory")
+        if not no_plots and not is_installed("matplotlib"):
+            raise BackendUnavailableError("the bench plots need matplotlib: pip install matplotlib (or pass --no-plots)")
     overrides = {
         "models": tuple(models) or None, "targets": _csv(targets), "ops": _csv(ops),
         "frames": _ints(frames, "--frames"),

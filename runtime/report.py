@@ -106,6 +106,18 @@ class Report:
         return d
 
 
+REPORT_PACKAGES = {"matplotlib": "matplotlib", "skimage": "scikit-image"}  # import name -> pip name
+
+
+def require_report_packages() -> None:
+    """Fail before any work when the plotting/SSIM packages are missing, naming what to install."""
+    from cvvae.runtime.backends import is_installed
+
+    missing = [pip for module, pip in REPORT_PACKAGES.items() if not is_installed(module)]
+    if missing:
+        raise BackendUnavailableError(f"cvvae report needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
 def shown_frame_indices(num_frames: int, count: int) -> list[int]:
     """``count`` frames spread evenly over the clip, first and last included."""
     if count >= num_frames:
@@ -170,6 +182,7 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
     say = on_progress or (lambda msg: log.info("%s", msg))
     out_dir = Path(out_dir)
     check_writable_target(out_dir, overwrite=overwrite, what="report directory")
+    require_report_packages()
     if threads := config.threads:
         torch.set_num_threads(threads)
     x = load_input(Path(input_path), config.read_kwargs)  # B,3,T,H,W in [-1, 1]
