@@ -184,11 +184,16 @@ class StreamingEncoder:
         self.frames_in += frames.shape[2]
         if self.chunk is None:
             return
-        while self.buffered >= self.chunk + 1:
-            window = torch.cat(self.buffer, dim=2)
-            yield self._run(window[:, :, : self.chunk + 1])
-            rest = window[:, :, self.chunk:]
-            self.buffer, self.buffered = [rest], rest.shape[2]
+        if self.buffered < self.chunk + 1:
+            return
+        # join the pieces once; each chunk is then a view, so a whole video pushed at once is never copied again
+        window = self.buffer[0] if len(self.buffer) == 1 else torch.cat(self.buffer, dim=2)
+        start = 0
+        while window.shape[2] - start >= self.chunk + 1:
+            yield self._run(window[:, :, start:start + self.chunk + 1])
+            start += self.chunk
+        rest = window[:, :, start:]
+        self.buffer, self.buffered = [rest], rest.shape[2]
 
     def finish(self) -> Iterator[torch.Tensor]:
         """Pad and encode what is left (nothing when the last chunk ended exactly on the final frame)."""
