@@ -239,9 +239,11 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
     from ..loading import load_model
 
     model = load_model(path)
-    sha = model.checkpoint_info.sha256 or "random"
+    info = model.checkpoint_info
+    # random weights have no file to hash: their source (random:PRESET) names them
+    key = info.sha256[:16] if info.sha256 else info.source.replace(":", "-")
     root = Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae")) / "exports"
-    target = root / f"{sha[:16]}-{precision}"
+    target = root / f"{key}-{precision}"
     if not (target / "manifest.json").exists():
         log.warning("exporting %s to %s for the onnxruntime backend (once)", model.checkpoint_info.source, target)
         t0 = time.perf_counter()
