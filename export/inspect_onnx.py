@@ -115,7 +115,7 @@ def _dims(t: TensorInfo) -> str:
 def format_summary(s: GraphSummary) -> str:
     """Human-readable summary (the CLI's default output)."""
     lines = [f"file       {s.path} ({s.size_bytes / 1e6:.1f} MB{', external data' if s.external_data else ''})",
-             f"opset      " + ", ".join(f"{d} {v}" for d, v in s.opset.items()) + f"  (IR {s.ir_version}, "
+             "opset      " + ", ".join(f"{d} {v}" for d, v in s.opset.items()) + f"  (IR {s.ir_version}, "
              f"{s.producer or 'unknown producer'})",
              f"precision  {s.precision}  (weights: " + ", ".join(f"{k} {v:,}" for k, v in
                                                                s.initializer_elements.items()) + ")"]

@@ -231,22 +231,67 @@ def _selected_count(num_frames: int, kw: dict[str, Any]) -> int:
     return min(n, kw["max_frames"]) if kw.get("max_frames") else n
 
 
-def cached_export(path: str | Path | None, *, precision: str) -> Path:
-    """Export a checkpoint once into the user cache (keyed by its sha256) for the onnxruntime backend."""
+EXPORT_CACHE_FORMAT = 2  # bump when the export code changes what an existing cache entry would hold
+
+
+def export_cache_key(model: Any, config: Any) -> str:
+    """Hex digest naming the export of ``model`` with ``config``: weights, architecture, options and tool versions.
+
+    Any of these changing makes a different graph, so an entry made by an older torch, onnx or cvvae, with another
+    opset or fp16 rule, or from other weights under the same file name is never reused.
+    """
+    import dataclasses
+    import hashlib
+    import json
+
+    import onnx
+
+    from .. import __version__
+
+    info = model.checkpoint_info
+    fields = {
+        "format": EXPORT_CACHE_FORMAT,
+        "weights": info.sha256 or info.source,  # random weights are seeded: their preset names them
+        "config": model.config.summary(),
+        "export": dataclasses.asdict(config),
+        "versions": {"cvvae": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
+    }
+    text = json.dumps(fields, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
+                      else str(v))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_root() -> Path:
+    """``$CVVAE_CACHE``, else ``~/.cache/cvvae``."""
     import os
 
+    return Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
+
+
+def cached_export(path: str | Path | None, *, precision: str) -> Path:
+    """Export a checkpoint once into the user cache for the onnxruntime backend, and reuse it while it is valid.
+
+    The entry's name carries :func:`export_cache_key`. An fp32 request also accepts an existing fp16 entry (it holds
+    the fp32 graphs too).
+    """
     from ..export.to_onnx import ExportConfig, export_model
     from ..loading import load_model
 
     model = load_model(path)
     info = model.checkpoint_info
-    # random weights have no file to hash: their source (random:PRESET) names them
-    key = info.sha256[:16] if info.sha256 else info.source.replace(":", "-")
-    root = Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae")) / "exports"
-    target = root / f"{key}-{precision}"
-    if not (target / "manifest.json").exists():
-        log.warning("exporting %s to %s for the onnxruntime backend (once)", model.checkpoint_info.source, target)
-        t0 = time.perf_counter()
-        export_model(model, target, ExportConfig(precisions=(precision,)))
-        log.info("export took %.1f s", time.perf_counter() - t0)
+    label = info.sha256[:12] if info.sha256 else info.source.replace(":", "-")
+    wanted = [ExportConfig(precisions=(precision,))]
+    if precision == "fp32":
+        wanted.append(ExportConfig(precisions=("fp16",)))
+    root = cache_root() / "exports"
+    entries = [root / f"{label}-{'-'.join(p.value for p in c.precisions)}-{export_cache_key(model, c)[:16]}"
+               for c in wanted]
+    for entry in entries:
+        if (entry / "manifest.json").exists():
+            return entry
+    target = entries[0]
+    log.warning("exporting %s to %s for the onnxruntime backend (once)", info.source, target)
+    t0 = time.perf_counter()
+    export_model(model, target, wanted[0], overwrite=target.exists())  # a leftover without manifest is replaced
+    log.info("export took %.1f s", time.perf_counter() - t0)
     return target

@@ -25,11 +25,10 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -428,38 +427,17 @@ def runtime_ops(vae: Any) -> dict[str, OpFn]:
     return {"encode": encode, "decode": decode, "roundtrip": roundtrip}
 
 
-@contextmanager
-def _cache_root(path: Path) -> Iterator[None]:
-    old = os.environ.get("CVVAE_CACHE")
-    os.environ["CVVAE_CACHE"] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("CVVAE_CACHE", None)
-        else:
-            os.environ["CVVAE_CACHE"] = old
-
-
 def onnx_export_for(model_spec: str | None, precisions: tuple[str, ...] = ("fp32", "fp16")) -> Path:
-    """An export directory with the fp32 (and fp16) graphs of a checkpoint, made once by ``cached_export``.
+    """An export directory with the fp32 and fp16 graphs of a checkpoint, made once by ``cached_export``.
 
-    ``cached_export`` keys its cache by the checkpoint's sha256; random weights have none, so every ``random:PRESET``
-    would share one key. Each preset therefore gets its own cache root (the weights are seeded, so the key holds).
     An export directory given directly is used as it is. ``precisions`` are the ones wanted (fp32 and fp16 are
-    always made; int8 graphs come only from an export directory that has them).
+    always made, one cache entry for both; int8 graphs come only from an export directory that has them).
     """
     from cvvae.runtime.api import cached_export
 
     if model_spec and (Path(model_spec) / "manifest.json").exists():
         return Path(model_spec)
-    # always the fp16 export: it holds the fp32 graphs too, so every ORT precision shares one cache entry
-    precision = "fp16"
-    if model_spec and model_spec.startswith("random:"):
-        root = Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
-        with _cache_root(root / "bench" / model_spec.replace(":", "-")):
-            return cached_export(model_spec, precision=precision)
-    return cached_export(model_spec, precision=precision)
+    return cached_export(model_spec, precision="fp16")
 
 
 def _open_target(target: Target, model: Any, model_spec: str | None, export_dir: Path | None,

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import max_abs
-from cvvae import tiling
 from cvvae.plan import PlanSettings
 
 

@@ -74,3 +74,34 @@ def test_missing_precision_is_explained(exported):
 
     with pytest.raises(InputError, match="no fp16 encoder graph"):
         VideoVAE.load(exported, backend="onnxruntime", precision="fp16")
+
+
+def test_cached_export_key_covers_weights_options_and_versions(golden_v1, monkeypatch):
+    from cvvae.runtime import api
+
+    model = load_model(golden_v1 / "checkpoint")
+    base = api.export_cache_key(model, ExportConfig())
+    assert len(base) == 64 and base == api.export_cache_key(load_model(golden_v1 / "checkpoint"), ExportConfig())
+    assert api.export_cache_key(model, ExportConfig(opset=18)) != base
+    assert api.export_cache_key(model, ExportConfig(precisions=("fp32",))) != base
+    assert api.export_cache_key(load_model("random:tiny-v1"), ExportConfig()) != base
+    monkeypatch.setattr(api.torch, "__version__", "0.0.0-another-torch")
+    assert api.export_cache_key(model, ExportConfig()) != base
+
+
+def test_cached_export_made_once_and_fp32_reuses_the_fp16_entry(golden_v1, tmp_path, monkeypatch):
+    from cvvae.runtime import api
+
+    monkeypatch.setenv("CVVAE_CACHE", str(tmp_path))
+    calls = []
+    import cvvae.export.to_onnx as to_onnx
+
+    original = to_onnx.export_model
+    monkeypatch.setattr(to_onnx, "export_model", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    first = api.cached_export(golden_v1 / "checkpoint", precision="fp16")
+    assert (first / "manifest.json").exists() and first.parent == tmp_path / "exports" and len(calls) == 1
+    assert api.cached_export(golden_v1 / "checkpoint", precision="fp16") == first
+    assert api.cached_export(golden_v1 / "checkpoint", precision="fp32") == first  # fp16 entries hold fp32 too
+    assert len(calls) == 1
+    vae = VideoVAE.load(golden_v1 / "checkpoint", backend="onnxruntime")
+    assert len(calls) == 1 and vae.config == load_model(golden_v1 / "checkpoint").config
