@@ -302,8 +302,8 @@ class GraphQuantizer:
         except ImportError as e:  # calibration caches came with recent releases
             raise BackendUnavailableError("cvvae calibrate needs an onnxruntime whose quantization tools offer "
                                           "calibration caches (save_tensors_data, quantize_static("
-                                          "calibration_cache_path=...)); 1.32 has them: pip install -U onnxruntime"
-                                          ) from e
+                                          "calibration_cache_path=...), 1.27 or newer): "
+                                          "pip install -U 'onnxruntime>=1.27'") from e
         # Our own pass rather than quantize_static's: quantize_static does not forward the histogram sizes, and
         # its Entropy default (128 bins, 128 quantized bins) can only return the full range (= MinMax). TensorRT's
         # entropy calibration uses 2048 bins and 128 quantized bins; so do we.
