@@ -162,7 +162,8 @@ class LatentRegularizedLoss(nn.Module):
                 raise ValueError(f"{z.shape[2]} latent frames cannot cover {t2} target frames of a {t}-frame video")
             # rec2d_weight 0 (an unregularised baseline): still measured and logged, but without a graph
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.rec2d_weight != 0):
-                xrec_2d = decode_frames(self.image_decoder, z[:, :, :t2].to(self.image_decoder.dtype))
+                # back to z's dtype: under bf16 autocast the sum below stays in fp32
+                xrec_2d = decode_frames(self.image_decoder, z[:, :, :t2].to(self.image_decoder.dtype)).to(z.dtype)
                 rec2d = (target.to(xrec_2d.dtype) - xrec_2d).abs()
                 nll_2d = (rec2d / self.logvar_2d.exp() + self.logvar_2d).sum() / (b * t2)
             nll = nll + self.rec2d_weight * nll_2d

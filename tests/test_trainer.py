@@ -155,7 +155,8 @@ def test_validation_reports_heldout_psnr_and_ssim(tiny_config, sources, tmp_path
     assert 5.0 < v["mean_psnr"] < 40.0 and -1.0 <= v["mean_ssim"] <= 1.0
 
 
-def test_video_stage_trains_an_inflated_model_with_the_latent_loss(sources, tmp_path):
+@pytest.mark.parametrize("autocast", ["fp32", "bf16"])
+def test_video_stage_trains_an_inflated_model_with_the_latent_loss(sources, tmp_path, autocast):
     """Stage 2 in miniature: a 32-wide image VAE, inflated, two steps of latent-regularised fine-tuning."""
     from cvvae.image_vae import ImageVAE, image_preset, save_image_vae
     from cvvae.inflate import inflate
@@ -169,7 +170,7 @@ def test_video_stage_trains_an_inflated_model_with_the_latent_loss(sources, tmp_
                       image_batch=2, clip_frames=5, clip_size=16, clip_batch=1, schedule="alternate")
     cfg = TrainConfig(name="tiny-video", stage="video", data=data).with_overrides(
         model={"init": str(tmp_path / "inflated")}, loss={"image_vae": str(tmp_path / "image")},
-        budget={"max_steps": 2}, validation={"clips": ()}, top={"log_every": 1})
+        budget={"max_steps": 2}, validation={"clips": ()}, top={"log_every": 1, "autocast": autocast})
     records = []
     result = train(cfg, tmp_path / "run", sampler=TrainSampler(data, load_sources(data)),
                    on_step=lambda step, r: records.append(r))
@@ -177,6 +178,12 @@ def test_video_stage_trains_an_inflated_model_with_the_latent_loss(sources, tmp_
     assert "psnr_2d" in records[0] and all(math.isfinite(r["loss"]) for r in records)
     state = read_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     assert {"logvar", "logvar_2d"} <= set(state["loss"])  # the learned log-variances are checkpointed
+    from cvvae.loading import load_model
+
+    trained = load_model(tmp_path / "run" / "final")  # bf16 autocast trains fp32 weights
+    assert trained.dtype == torch.float32 and all(p.dtype == torch.float32 for p in trained.parameters())
+    first = trained.decoder.conv_in.weight
+    assert not torch.equal(first, load_model(tmp_path / "inflated").decoder.conv_in.weight)  # it did learn
 
 
 def test_cosine_schedule_values():
@@ -205,3 +212,5 @@ def test_shipped_configs_parse_and_unknown_keys_fail():
         TrainConfig.from_dict({"stage": "image", "optim": {"learning_rate": 1.0}})
     with pytest.raises(InputError, match="stage="):
         TrainConfig.from_dict({"stage": "images"})
+    with pytest.raises(InputError, match="autocast='fp16'; expected one of fp32, bf16"):
+        TrainConfig.from_dict({"stage": "video", "autocast": "fp16"})
