@@ -234,3 +234,26 @@ class Upsample3D(nn.Module):
         b, _, t, h, w = y.shape
         y = y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
         return y[:, :, 1:]
+
+
+# ----- forward order of the ldm encoder/decoder tree (spec 3 and 4), shared by v1 and the 2D image VAE ------------
+def ldm_encoder_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv_in, per level its resnets then ``downsample`` (if any), mid, norm_out, SiLU, conv_out."""
+    h = encoder.conv_in(x)
+    for level in encoder.down:
+        for block in level.block:
+            h = block(h)
+        if hasattr(level, "downsample"):
+            h = level.downsample(h)
+    return encoder.conv_out(F.silu(encoder.norm_out(encoder.mid(h))))
+
+
+def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """conv_in, mid, levels from the deepest up (resnets then ``upsample``), norm_out, SiLU, conv_out."""
+    h = decoder.mid(decoder.conv_in(z))
+    for level in reversed(decoder.up):
+        for block in level.block:
+            h = block(h)
+        if hasattr(level, "upsample"):
+            h = level.upsample(h)
+    return decoder.conv_out(F.silu(decoder.norm_out(h)))

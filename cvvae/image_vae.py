@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .blocks import ldm_decoder_forward, ldm_encoder_forward
 from .config import ConfigError
 from .errors import CheckpointError
 from .fsutil import atomic_path
@@ -247,13 +248,7 @@ class Encoder2D(nn.Module):
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return ldm_encoder_forward(self, x)
 
 
 class Decoder2D(nn.Module):
@@ -277,13 +272,7 @@ class Decoder2D(nn.Module):
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return ldm_decoder_forward(self, z)
 
 
 class ImageVAE(nn.Module):

@@ -9,10 +9,10 @@ zero-padded ``nn.Conv3d``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Downsample3D, ResnetBlock3D, SpatialAttentionV1, Upsample3D, conv3d
+from .blocks import (Downsample3D, ResnetBlock3D, SpatialAttentionV1, Upsample3D, conv3d, ldm_decoder_forward,
+                     ldm_encoder_forward)
 from .config import ModelConfig
 
 V1_EPS = 1e-5
@@ -59,14 +59,7 @@ class EncoderV1(nn.Module):
         self.conv_out = conv3d(cin, 2 * cfg.latent_channels, 3, causal=True, pad_mode="zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return ldm_encoder_forward(self, x)
 
 
 class DecoderV1(nn.Module):
@@ -94,10 +87,4 @@ class DecoderV1(nn.Module):
         self.conv_out = conv3d(cin, cfg.out_channels, 3, causal=False, pad_mode="zeros")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return ldm_decoder_forward(self, z)

@@ -14,6 +14,7 @@ The runtime depends on exactly these constants; change them only together with `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 FORMAT = "cvvae-export/1"
 MANIFEST_NAME = "manifest.json"
@@ -63,13 +64,11 @@ class TensorSpec:
         return [channels if a is None else a for a in self.axes]
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    """Names and axes of one exported component."""
+class NamedIO:
+    """``input_names``/``output_names`` of anything with ``inputs`` and ``outputs`` of named tensors."""
 
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    inputs: Any
+    outputs: Any
 
     @property
     def input_names(self) -> list[str]:
@@ -78,6 +77,16 @@ class ComponentSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class ComponentSpec(NamedIO):
+    """Names and axes of one exported component."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs)}

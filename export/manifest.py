@@ -72,7 +72,7 @@ class GraphFile:
 
 
 @dataclass
-class ComponentEntry:
+class ComponentEntry(contract.NamedIO):
     """Contract of one component (names, dims) and its graph files by precision."""
 
     inputs: list[TensorEntry]
@@ -87,13 +87,6 @@ class ComponentEntry:
                    outputs=[TensorEntry(t.name, t.dims(channels[t.kind])) for t in spec.outputs],
                    files=files)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
 
 @dataclass
