@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 QUANTIZERS = ("auto", "onnxruntime", "modelopt")
+HISTOGRAM_BINS = 2048  # percentile and entropy histograms: TensorRT's entropy calibrator uses 2048 bins too
 
 
 class CalibrationMethod(str, Enum):
@@ -194,9 +195,9 @@ class QuantizeConfig:
     def calibrator_options(self) -> dict[str, Any]:
         """Options of ``onnxruntime.quantization.create_calibrator`` for the method."""
         if self.method is CalibrationMethod.ENTROPY:
-            return {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128}
+            return {"symmetric": True, "num_bins": HISTOGRAM_BINS, "num_quantized_bins": 128}
         if self.method is CalibrationMethod.PERCENTILE:
-            return {"symmetric": True, "num_bins": 2048, "percentile": self.percentile}
+            return {"symmetric": True, "num_bins": HISTOGRAM_BINS, "percentile": self.percentile}
         return {"symmetric": True}
 
     def ort_extra_options(self) -> dict[str, Any]:
@@ -293,6 +294,13 @@ class GraphQuantizer:
         """Quantizable nodes not excluded by the configured exclusions, in graph order."""
         return [n.name for n in quantizable_nodes(self.model) if n.name not in self.base_exclusions]
 
+    def candidate_inputs(self) -> set[str]:
+        """Activation tensors read by the candidate nodes (the ones a calibration must cover)."""
+        weights = {t.name for t in self.model.graph.initializer}
+        wanted = set(self.candidates)
+        return {name for n in self.model.graph.node if n.name in wanted for name in n.input
+                if name and name not in weights}
+
     def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Collect activation ranges of every quantizable node's inputs (one pass over ``feeds``)."""
         if not feeds:
@@ -313,8 +321,20 @@ class GraphQuantizer:
                 self.prepared, [op for op in QUANTIZED_OP_TYPES if op not in self.config.exclusions.op_types],
                 augmented_model_path=str(self.workdir / f"{self.component}.augmented.onnx"),
                 calibrate_method=self.config.method.to_ort(), extra_options=self.config.calibrator_options())
-            for feed in feeds:  # one chunk at a time: the calibrator merges ranges/histograms across calls, and
-                calibrator.collect_data(FeedReader([feed]))  # holds only one chunk's activations in memory
+            # Only the inputs of nodes that may be quantized need ranges. Excluded ones can be degenerate: the
+            # Softmax of a temporal attention that attends almost uniformly gives ~1/3 everywhere, which numpy
+            # cannot split into 2048 histogram bins ("Too many bins for data range").
+            if getattr(calibrator, "tensors_to_calibrate", None) is not None:
+                calibrator.tensors_to_calibrate &= self.candidate_inputs()
+            try:
+                for feed in feeds:  # one chunk at a time: the calibrator merges ranges/histograms across calls,
+                    calibrator.collect_data(FeedReader([feed]))  # and holds one chunk's activations in memory
+            except ValueError as e:
+                if "bins" not in str(e):
+                    raise
+                raise ExportError(f"{self.component}: an activation's range is too narrow for a "
+                                  f"{HISTOGRAM_BINS}-bin histogram ({e}); use --method minmax, or exclude "
+                                  "the node that reads it (--exclude)") from e
             save_tensors_data(calibrator.compute_data(), self.cache)
         del calibrator
         if self.config.resolved_quantizer() == "modelopt":  # it takes one array per input, chunks on the batch axis

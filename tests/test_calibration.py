@@ -373,3 +373,33 @@ def test_check_qdq_accepts_float_weights_behind_q_dq():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
     summary = check_qdq(helper.make_model(graph))
     assert summary.issues == [] and summary.quantized_nodes == ["conv"] and summary.weight_dequantize == 1
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_near_uniform_softmax_feeding_an_excluded_matmul_calibrates(tmp_path, method):
+    """A temporal attention near its identity init attends ~uniformly: its Softmax gives 1/3 +- 1e-7 everywhere,
+    which numpy cannot split into 2048 bins. Only the inputs of nodes that may be quantized are calibrated, so the
+    excluded attention MatMul's input is never histogrammed (this failed on the trained default model)."""
+    from onnxruntime.quantization import load_tensors_data
+
+    from cvvae.calibration.quantize import GraphQuantizer, QuantizeConfig
+
+    conv, w = _conv("/conv/Conv", "conv.weight", "x", "y")
+    nodes = [conv, helper.make_node("Softmax", ["x"], ["p"], name="/attn/Softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="/attn/MatMul")]  # attention . values
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 64, 3]),
+                                           helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 64, 3]),
+                               helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 2, 64, 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 2, 64, 3)).astype(np.float32) * 1e-6
+    q = GraphQuantizer("decoder", tmp_path / "m.onnx", tmp_path / "work",
+                       QuantizeConfig(method=method, exclusions=Exclusions(first_last_conv=False)))
+    assert q.candidates == ["/conv/Conv"] and q.candidate_inputs() == {"x"}
+    v = np.ones((1, 2, 3, 4), np.float32)
+    q.calibrate([{"x": x, "v": v}, {"x": x * 2, "v": v}])
+    assert set(load_tensors_data(q.cache).data) == {"x"}  # the Softmax output "p" is not calibrated
+    model = q.quantize(tmp_path / "q.onnx")
+    assert check_qdq(model).issues == []
+    quantized = {n.name for n in model.graph.node if any(i.endswith("_DequantizeLinear_Output") for i in n.input)}
+    assert "/conv/Conv" in quantized and "/attn/MatMul" not in quantized
