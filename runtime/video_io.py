@@ -346,6 +346,9 @@ class _AvSink:
             # 4:2:0 subsampling needs even sizes in H.264; 4:4:4 keeps odd sizes exact.
             odd = hw[0] % 2 or hw[1] % 2
             self.stream.pix_fmt = "yuv444p" if odd and codec == "libx264" else "yuv420p"
+            if odd and codec == "libx264":
+                log.warning("%s: %dx%d has an odd side, so it is written as H.264 4:4:4 (yuv444p), which browsers "
+                            "and QuickTime do not play; choose even sides (--size) for 4:2:0", path.name, *hw)
             if codec == "mpeg4":  # no crf: fixed quantiser, roughly crf/6 (crf 18 -> q 3)
                 self.stream.codec_context.qscale = True
                 qscale = min(31, max(1, round(crf / 6)))
