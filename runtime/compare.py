@@ -1,4 +1,11 @@
-"""Comparisons as data: per-output error statistics between a reference and a candidate (Polygraphy style)."""
+"""Comparisons as data: per-output error statistics between a reference and a candidate (Polygraphy style).
+
+Why not Polygraphy itself: its ``Comparator`` compares runners that each execute one graph on one feed, while our
+parity runs whole videos through the chunk/tile plan (many graph calls, blended tiles) on torch, ONNX Runtime and
+TensorRT alike; what we need from it is only the statistics (max/mean/p99 abs error), a few lines of torch that work
+on every backend's output without another dependency. ``cvvae doctor`` still reports Polygraphy when it is installed
+(it is the tool to bisect a TensorRT engine layer by layer: ``polygraphy run --trt --onnxrt``).
+"""
 
 from __future__ import annotations
 
