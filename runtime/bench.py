@@ -541,6 +541,27 @@ class BenchResult:
         return format_markdown(self)
 
 
+class _Counter:
+    """Progress text "[done/total measured, elapsed, ETA]"; the ETA assumes the remaining measurements cost what the
+    finished ones did on average (rough: later sweep points are the larger ones)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def __str__(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        eta = f", ETA ~{_mmss(elapsed / self.done * (self.total - self.done))}" if self.done else ""
+        return f"[{self.done}/{self.total} measured, {_mmss(elapsed)}{eta}]"
+
+
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> BenchResult:
     """Measure every model x case x op x target of ``cfg`` in this process (see the module docstring)."""
     from cvvae.loading import DEFAULT_MODEL_DIR, load_model
@@ -559,14 +580,17 @@ def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> Bench
     if memory.unavailable:
         result.notes.append(memory.unavailable)
     targets = cfg.parsed_targets()
+    progress = _Counter(len(cfg.models) * len(cfg.cases()) * len(cfg.ops))
     for spec in cfg.models:
         model_path = None if spec == DEFAULT_MODEL else spec
         if model_path is None and not (DEFAULT_MODEL_DIR / "config.json").exists():
             reason = f"the built-in default model does not exist ({DEFAULT_MODEL_DIR}): not measured"
             result.skipped.append({"model": spec, "target": "*", "reason": reason})
             say(reason)
+            progress.total -= len(cfg.cases()) * len(cfg.ops)
             continue
-        _bench_model(spec, model_path, targets, cfg, memory, result, say, is_installed("onnxruntime"), load_model)
+        _bench_model(spec, model_path, targets, cfg, memory, result, say, is_installed("onnxruntime"), load_model,
+                     progress)
     _measure_gemm(cfg, result, "end", say)
     torch_mm = max((g.gflop_s for g in result.gemm if g.engine == "torch"), default=math.nan)
     for row in result.rows:  # the yardstick is the best GEMM measurement of the run
@@ -588,7 +612,8 @@ def _measure_gemm(cfg: BenchConfig, result: BenchResult, when: str, say: Progres
 
 
 def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: BenchConfig, memory: PeakMemory,
-                 result: BenchResult, say: Progress, have_ort: bool, load_model: Callable[..., Any]) -> None:
+                 result: BenchResult, say: Progress, have_ort: bool, load_model: Callable[..., Any],
+                 progress: _Counter) -> None:
     """All targets of one model, interleaved: every repetition runs each target once, in turn.
 
     Interleaving spreads the machine's background load evenly over the targets, so the ratios to the reference stay
@@ -627,8 +652,9 @@ def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: 
                         spatial_compress=settings.spatial_compress, device=cfg.device)
         warm = x.warmup(settings.chunk_frames, settings.time_compress)
         for op in cfg.ops:
-            say(f"{spec}: {op} {case.shape} on {', '.join(t.label for t, _ in opened)}")
+            say(f"{progress} {spec}: {op} {case.shape} on {', '.join(t.label for t, _ in opened)}")
             runs = _measure_interleaved([ops[op] for _, ops in opened], x, warm, cfg, memory)
+            progress.tick()
             ref_median = statistics.median(runs[0]["times_s"])  # the reference is always first
             for (target, _), run in zip(opened, runs):
                 median = statistics.median(run["times_s"])

@@ -96,7 +96,11 @@ def test_tiny_bench_reports_ratios_gflops_and_memory(tmp_path, tiny_export):
                       targets=("torch:fp32", "torch:bf16", "onnxruntime:fp32", "onnxruntime:int8"),
                       frames=(5, 9), frame_size=(16, 16), sizes=((16, 16), (8, 16)), size_frames=5, reps=2,
                       warmup=0, threads=1, gemm_size=256, gemm_seconds=0.1)
-    result = run_bench(cfg)
+    messages: list[str] = []
+    result = run_bench(cfg, on_progress=messages.append)
+    counted = [m for m in messages if m.startswith("[")]
+    assert [m.split(" measured")[0] for m in counted] == [f"[{i}/9" for i in range(9)]  # 3 shapes x 3 ops
+    assert "ETA" not in counted[0] and "ETA ~" in counted[1]
     shapes = ["5x16x16", "9x16x16", "5x8x16"]
     labels = ["reference", "torch fp32", "torch bf16", "onnxruntime fp32"]
     assert [(r.shape, r.op, r.target) for r in result.rows] == [
