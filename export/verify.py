@@ -6,12 +6,14 @@ manifest. The reference is the raw PyTorch encoder/decoder in fp32 (no chunking 
 clips at shapes other than the export sample: T = 1, 5, 17 frames, non-square sizes, batch 1 and 2.
 
 Tolerances (:data:`TOLERANCES`): a check passes when ``max_abs <= atol + rtol * max|reference|`` and
-``mean_abs <= mean_atol``.
+``mean_abs <= mean_atol + mean_rtol * mean|reference|``.
 
 * fp32: 1e-4 max abs (no relative part): the graph computes what PyTorch computes, up to summation order.
-* fp16: 1e-2 + 1e-2 * max|reference| max abs, and 2e-3 mean abs: fp16 keeps 11 significant bits (relative step
-  4.9e-4) and the rounding compounds over ~40 convolutions and 30 normalisations. Measured errors (docs/export.md:
-  full-size v1 up to 8e-3 on decoded pixels, 3e-3 on latents; means below 1e-3) sit 2-5x below these limits.
+* fp16: 1e-2 + 1e-2 * max|reference| max abs, and 2e-3 + 1e-3 * mean|reference| mean abs: fp16 keeps 11
+  significant bits (relative step 4.9e-4) and the rounding compounds over ~40 convolutions and 30 normalisations.
+  Measured errors (docs/export.md: full-size v1 up to 8e-3 on decoded pixels, 3e-3 on latents; means below 1e-3)
+  sit 2-5x below these limits. The relative part of the mean limit is for outputs far from 1: the trained default
+  model's posterior logvar reaches 17-20, where fp16 rounding alone gives a mean error of ~2e-3.
 """
 
 from __future__ import annotations
@@ -36,23 +38,28 @@ log = logging.getLogger(__name__)
 # ----- tolerances and results -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tolerance:
-    """``max_abs <= atol + rtol * max|reference|`` and (when set) ``mean_abs <= mean_atol``."""
+    """``max_abs <= atol + rtol * max|reference|`` and (when ``mean_atol`` is set)
+    ``mean_abs <= mean_atol + mean_rtol * mean|reference|``."""
 
     atol: float
     rtol: float = 0.0
     mean_atol: float | None = None
+    mean_rtol: float = 0.0
 
     def limit(self, reference_max_abs: float) -> float:
         return self.atol + self.rtol * reference_max_abs
 
+    def mean_limit(self, reference_mean_abs: float) -> float | None:
+        return None if self.mean_atol is None else self.mean_atol + self.mean_rtol * reference_mean_abs
+
 
 TOLERANCES: dict[Precision, Tolerance] = {
     Precision.FP32: Tolerance(atol=1e-4),
-    Precision.FP16: Tolerance(atol=1e-2, rtol=1e-2, mean_atol=2e-3),
+    Precision.FP16: Tolerance(atol=1e-2, rtol=1e-2, mean_atol=2e-3, mean_rtol=1e-3),
 }
 # fp16 encoder feeding the fp16 decoder (a TensorRT fp16 pipeline): the latent's fp16 error passes through the decoder
 # too. Checked by tests/test_export_fp16.py, not by export (which verifies each graph against its own reference).
-FP16_END_TO_END = Tolerance(atol=3e-2, rtol=2e-2, mean_atol=5e-3)
+FP16_END_TO_END = Tolerance(atol=3e-2, rtol=2e-2, mean_atol=5e-3, mean_rtol=2e-3)
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ def compare(actual: np.ndarray, reference: np.ndarray, tolerance: Tolerance, *, 
         max_abs=float(err.max()) if err.size else 0.0,
         mean_abs=float(err.mean()) if err.size else 0.0,
         p99_abs=float(np.quantile(err, 0.99)) if err.size else 0.0,
-        reference_max_abs=ref_max, limit=tolerance.limit(ref_max), mean_limit=tolerance.mean_atol,
+        reference_max_abs=ref_max, limit=tolerance.limit(ref_max),
+        mean_limit=tolerance.mean_limit(float(np.abs(r).mean()) if r.size else 0.0),
         nonfinite=int((~finite).sum()),
     )
 
