@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .durations import format_duration
 from .errors import CheckpointError, CVVAEError, InputError
 from .fsutil import atomic_path
 from .model import DiagonalGaussian
@@ -409,13 +410,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
                          n["cached_gaussian"]))
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ----- checkpoints ------------------------------------------------------------------------------------------
 def write_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """torch.save into a temporary sibling, fsync, then os.replace: a kill at any moment leaves the old file."""
@@ -515,7 +509,7 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         self.load_state_dict(read_checkpoint(self.checkpoint_path))
-        log.info("resumed %s at step %d (%s of training done)", self.run_dir, self.step, _fmt_time(self.elapsed_s))
+        log.info("resumed %s at step %d (%s of training done)", self.run_dir, self.step, format_duration(self.elapsed_s))
         return True
 
     # budget
@@ -674,7 +668,7 @@ class Trainer:
         self.task.export(export)
         result.export = str(export)
         (self.run_dir / RESULT_NAME).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
-        log.info("finished %s at step %d after %s; weights in %s", cfg.name, self.step, _fmt_time(self.elapsed_s),
+        log.info("finished %s at step %d after %s; weights in %s", cfg.name, self.step, format_duration(self.elapsed_s),
                  export)
         return result
 
@@ -689,8 +683,8 @@ class Trainer:
         extra = " ".join(f"{k} {v:.4g}" for k, v in means.items() if k not in ("loss", "psnr", "grad_norm"))
         log.info("step %d/%d | loss %.4f | psnr %.2f dB | lr %.2e | %.2f samples/s %.1f frames/s | %s | "
                  "elapsed %s | eta %s", self.step, b.max_steps, means.get("loss", float("nan")),
-                 means.get("psnr", float("nan")), lr, samples_s, frames_s, extra, _fmt_time(self.elapsed_s),
-                 "?" if eta is None else _fmt_time(eta))
+                 means.get("psnr", float("nan")), lr, samples_s, frames_s, extra, format_duration(self.elapsed_s),
+                 "?" if eta is None else format_duration(eta))
 
     def _run_validation(self) -> dict[str, Any]:
         t0 = time.monotonic()

@@ -87,7 +87,6 @@ class ComponentSpec(NamedIO):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs)}
 

@@ -88,7 +88,6 @@ class ComponentEntry(contract.NamedIO):
                    files=files)
 
 
-
 @dataclass
 class ExportManifest:
     """The parsed manifest.json; ``directory`` is where it was loaded from (not stored)."""

@@ -103,14 +103,15 @@ def compare(actual: np.ndarray, reference: np.ndarray, tolerance: Tolerance, *, 
     r = reference.astype(np.float64)
     finite = np.isfinite(a)
     err = np.abs(np.where(finite, a, 0.0) - r)
-    ref_max = float(np.abs(r).max()) if r.size else 0.0
+    ref_abs = np.abs(r)
+    ref_max = float(ref_abs.max()) if r.size else 0.0
     return OutputComparison(
         component=component, precision=precision, case=case, output=output, shape=tuple(actual.shape),
         max_abs=float(err.max()) if err.size else 0.0,
         mean_abs=float(err.mean()) if err.size else 0.0,
         p99_abs=float(np.quantile(err, 0.99)) if err.size else 0.0,
         reference_max_abs=ref_max, limit=tolerance.limit(ref_max),
-        mean_limit=tolerance.mean_limit(float(np.abs(r).mean()) if r.size else 0.0),
+        mean_limit=tolerance.mean_limit(float(ref_abs.mean()) if r.size else 0.0),
         nonfinite=int((~finite).sum()),
     )
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from cvvae.durations import format_duration
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
 from cvvae.runtime.flops import FlopCounter
@@ -427,11 +428,11 @@ def runtime_ops(vae: Any) -> dict[str, OpFn]:
     return {"encode": encode, "decode": decode, "roundtrip": roundtrip}
 
 
-def onnx_export_for(model_spec: str | None, precisions: tuple[str, ...] = ("fp32", "fp16")) -> Path:
+def onnx_export_for(model_spec: str | None) -> Path:
     """An export directory with the fp32 and fp16 graphs of a checkpoint, made once by ``cached_export``.
 
-    An export directory given directly is used as it is. ``precisions`` are the ones wanted (fp32 and fp16 are
-    always made, one cache entry for both; int8 graphs come only from an export directory that has them).
+    An export directory given directly is used as it is. Otherwise fp32 and fp16 are always made, one cache entry
+    for both; int8 graphs come only from an export directory that has them.
     """
     from cvvae.runtime.api import cached_export
 
@@ -553,13 +554,8 @@ class _Counter:
 
     def __str__(self) -> str:
         elapsed = time.perf_counter() - self.t0
-        eta = f", ETA ~{_mmss(elapsed / self.done * (self.total - self.done))}" if self.done else ""
-        return f"[{self.done}/{self.total} measured, {_mmss(elapsed)}{eta}]"
-
-
-def _mmss(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+        eta = f", ETA ~{format_duration(elapsed / self.done * (self.total - self.done))}" if self.done else ""
+        return f"[{self.done}/{self.total} measured, {format_duration(elapsed)}{eta}]"
 
 
 def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> BenchResult:
@@ -625,7 +621,7 @@ def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: 
     ort_precisions = tuple(t.precision for t in targets if t.backend == "onnxruntime")
     if ort_precisions and have_ort:
         say(f"{spec}: ONNX export (cached after the first run)")
-        export_dir = onnx_export_for(model_path, ort_precisions)
+        export_dir = onnx_export_for(model_path)
     model = load_model(checkpoint_of(model_path), device=cfg.device)
     counter = FlopCounter(model.config)
     settings = model.plan_settings()

@@ -195,7 +195,7 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
     ort_precisions = tuple(t.precision for t in targets if t.backend == "onnxruntime")
     if ort_precisions and is_installed("onnxruntime"):
         say("ONNX export (cached after the first run)")
-        export_dir = onnx_export_for(model_spec, ort_precisions)
+        export_dir = onnx_export_for(model_spec)
     recons: list[tuple[Target, torch.Tensor, float, float]] = []
     skipped: list[dict[str, str]] = []
     plan: dict[str, Any] = {}
