@@ -231,3 +231,177 @@ def make_latent_plan(settings: PlanSettings, latent_frames: int, latent_height: 
             f"{plan.latent_width}); the metadata does not belong to this latent"
         )
     return plan
+
+
+# ----- memory: one estimate of a plan's peak, and the plan that fits a budget (spec 6.2-6.5) --------------------
+#
+# Peak memory of a chunk/tile is dominated by the activations of the largest resolution level: a resnet holds its
+# input, the normalised/activated copy, the padded copy its 3D conv reads and the conv outputs; the decoder's time
+# upsampling conv writes 2C channels at full resolution and permutes them into time (another copy). The figures
+# below count those tensors per stage (in elements, following the forward code of cvvae/blocks.py) and multiply by
+# ACTIVATION_CALIBRATION, fitted against peak RSS measured with benchmarks/memory_calibration.py (docs/benchmarks.md,
+# "Memory estimate"). The estimate is deliberately on the high side: a plan that fits it fits in practice.
+
+ACTIVATION_CALIBRATION = 1.3   # measured peak activation bytes / counted bytes (see benchmarks/memory_calibration.py)
+RUNTIME_BASELINE_BYTES = 450 << 20  # interpreter, torch, codecs and the video I/O buffers of a job, measured RSS
+MIN_TILE_PX = 64               # the smallest tile the fitting will choose; below it the overlap is < 2 latent cells
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of one encode or decode job (bytes)."""
+
+    direction: str
+    baseline: int      # process, libraries, I/O buffers
+    weights: int       # parameters of the component that runs
+    activations: int   # the largest chunk/tile's activations at its widest stage
+    io: int            # the whole-video tensors the job holds (input pixels, latents, output pixels)
+    tile_px: tuple[int, int]  # largest tile, pixels (H, W)
+    chunk_frames: int  # frames of the largest chunk (decode: output frames of the largest chunk)
+
+    @property
+    def total(self) -> int:
+        return self.baseline + self.weights + self.activations + self.io
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (f"{self.total / gib:.2f} GiB ({self.direction}: activations {self.activations / gib:.2f} GiB for a "
+                f"{self.chunk_frames}x{self.tile_px[0]}x{self.tile_px[1]} tile, weights {self.weights / gib:.2f}, "
+                f"video buffers {self.io / gib:.2f}, runtime {self.baseline / gib:.2f})")
+
+
+def _resnet_elems(cin: int, cout: int, t: int, pixels: int, causal: bool) -> int:
+    """Live elements at a half-3D resnet's widest moment (cvvae/blocks.py ResnetBlock3D.forward).
+
+    conv1: input x, silu(norm1(x)), its padded copy (causal convs pad by concatenation), output h;
+    conv2: x, h, silu(norm2(h)), its (B*T) flattened copy, the output, and the residual sum.
+    """
+    padded = cin * (t + 2) * pixels if causal else 0
+    conv1 = 2 * cin * t * pixels + padded + cout * t * pixels
+    conv2 = cin * t * pixels + 5 * cout * t * pixels
+    return max(conv1, conv2)
+
+
+def activation_elements(cfg: ModelConfig, direction: str, frames: int, height: int, width: int) -> int:
+    """Peak live activation elements of one tile: ``frames`` x ``height`` x ``width`` pixels (decode: the frames
+    it outputs; height/width in pixels, multiples of the spatial compression)."""
+    if direction not in ("encode", "decode"):
+        raise ValueError(f"direction must be 'encode' or 'decode', not {direction!r}")
+    widths, n = cfg.widths, cfg.num_levels
+    s = cfg.spatial_compress
+    peak = 0
+    if direction == "encode":
+        t, pixels = frames, height * width
+        peak = cfg.in_channels * t * pixels * 3 + widths[0] * t * pixels
+        cin = widths[0]
+        for i, cout in enumerate(widths):
+            for _ in range(cfg.layers_per_block):
+                peak = max(peak, _resnet_elems(cin, cout, t, pixels, causal=True))
+                cin = cout
+            if i != n - 1:  # padded copy (T+2 frames) and the strided output
+                t_out = (t - 1) // 2 + 1 if i in cfg.time_down_levels else t
+                peak = max(peak, cout * t * pixels + cout * (t + 2) * pixels + cout * t_out * pixels // 4)
+                t, pixels = t_out, pixels // 4
+        return peak
+    latents = (frames - 1) // cfg.time_compress + 1
+    t, pixels = latents, (height // s) * (width // s)
+    cin = widths[-1]
+    peak = _resnet_elems(cin, cin, t, pixels, causal=False)
+    for i in reversed(range(n)):
+        for _ in range(cfg.layers_per_block + 1):
+            peak = max(peak, _resnet_elems(cin, widths[i], t, pixels, causal=False))
+            cin = widths[i]
+        if i != 0:  # input, nearest x2 copy padded, conv output (x2 channels if up_time) and its permuted copy
+            factor = 2 if i % 2 == 1 else 1
+            up = 4 * pixels
+            peak = max(peak, cin * t * pixels + cin * (t + 2) * up + 2 * factor * cin * t * up)
+            t, pixels = (2 * t - 1 if factor == 2 else t), up
+    return peak
+
+
+def weight_elements(cfg: ModelConfig, direction: str) -> int:
+    """Parameter count of the encoder or decoder, from the config (convs dominate; norms and biases added)."""
+    widths, n = cfg.widths, cfg.num_levels
+
+    def resnet(cin: int, cout: int) -> int:
+        return 27 * cin * cout + 9 * cout * cout + (cin * cout if cin != cout else 0) + 6 * cout + 2 * cin
+
+    mid = 2 * resnet(widths[-1], widths[-1]) + 4 * widths[-1] ** 2
+    if direction == "encode":
+        total, cin = 27 * cfg.in_channels * widths[0], widths[0]
+        for i, cout in enumerate(widths):
+            for _ in range(cfg.layers_per_block):
+                total, cin = total + resnet(cin, cout), cout
+            if i != n - 1:
+                total += 27 * cout * cout
+        return total + mid + 27 * widths[-1] * 2 * cfg.latent_channels
+    total, cin = 27 * cfg.latent_channels * widths[-1] + mid + 4 * widths[-1] ** 2, widths[-1]
+    for i in reversed(range(n)):
+        for _ in range(cfg.layers_per_block + 1):
+            total, cin = total + resnet(cin, widths[i]), widths[i]
+        if i != 0:
+            total += 27 * cin * cin * (2 if i % 2 == 1 else 1)
+    return total + 27 * widths[0] * cfg.out_channels
+
+
+def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_bytes: int = 4, batch: int = 1,
+                    batch_tiles: bool = False, whole_output: bool = False) -> MemoryEstimate:
+    """The one estimate of a job's peak memory: runtime + weights + the largest tile's activations + video buffers.
+
+    ``whole_output`` counts the job's full output held in memory (``VideoVAE.decode``/``encode`` of a whole tensor);
+    streaming jobs (the CLI writing a video) hold one chunk. Activations are counted at ``dtype_bytes`` per element
+    (fp32 4, bf16/fp16 2); the video buffers are float32.
+    """
+    s = plan.settings.spatial_compress
+    tile_h, tile_w = max(plan.rows.sizes) * s, max(plan.cols.sizes) * s
+    if direction == "encode":
+        frames = max(c.length for c in plan.encode_chunks)
+    else:
+        frames = (max(c.length for c in plan.decode_chunks) - 1) * plan.settings.time_compress + 1
+    tiles = plan.num_tiles if batch_tiles else 1
+    act = activation_elements(cfg, direction, frames, tile_h, tile_w) * dtype_bytes * batch * tiles
+    pixels_chunk = 3 * frames * plan.padded_height * plan.padded_width * 4 * batch
+    latents = 2 * cfg.latent_channels * plan.latent_frames * plan.latent_height * plan.latent_width * 4 * batch
+    video = 3 * plan.padded_frames * plan.padded_height * plan.padded_width * 4 * batch
+    io = latents + 2 * pixels_chunk + (video if whole_output else 0)
+    return MemoryEstimate(direction, RUNTIME_BASELINE_BYTES, weight_elements(cfg, direction) * dtype_bytes,
+                          int(act * ACTIVATION_CALIBRATION), io, (tile_h, tile_w), frames)
+
+
+def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: int, width: int, budget: int,
+             directions: tuple[str, ...] = ("encode", "decode"), **estimate_kw: Any) -> tuple[PlanSettings, str]:
+    """Settings whose plan fits ``budget`` bytes for every direction: the given ones when they fit, else the
+    largest tile (steps of 8 latent cells, down to ``MIN_TILE_PX``) that fits, then halved chunks.
+
+    Returns the settings and a one-line note ('' when unchanged). Raises :class:`PlanError` with the estimate when
+    nothing fits.
+    """
+
+    def worst(candidate: PlanSettings) -> MemoryEstimate:
+        plan = make_plan(candidate, num_frames, height, width)
+        return max((estimate_memory(cfg, plan, d, **estimate_kw) for d in directions), key=lambda e: e.total)
+
+    first = worst(settings)
+    if first.total <= budget:
+        return settings, ""
+    s = settings.spatial_compress
+    largest = max(_round_up(height, s), _round_up(width, s)) if settings.tile_size is None else settings.tile_size
+    tiles = [px for px in range(largest - largest % (8 * s), MIN_TILE_PX - 1, -8 * s) if px < largest]
+    chunks = [settings.chunk_frames] if settings.chunk_frames else [None]
+    c = settings.chunk_frames or padded_frame_count(num_frames, settings.time_compress) - 1
+    while c > settings.time_compress:
+        c = max(settings.time_compress, (c // 2) // settings.time_compress * settings.time_compress)
+        chunks.append(c)
+    for n, chunk in enumerate(chunks):
+        for tile in tiles if n == 0 else [largest, *tiles]:
+            candidate = PlanSettings(chunk, tile, settings.tile_overlap_ratio, settings.time_compress, s)
+            est = worst(candidate)
+            if est.total <= budget:
+                changed = f"tile {tile} px" + ("" if n == 0 else f", chunk {chunk} frames")
+                return candidate, (f"plan changed to fit the {budget / (1 << 30):.2f} GiB memory budget: {changed} "
+                                   f"(estimated peak {est.describe()}; the configured plan needed "
+                                   f"{first.total / (1 << 30):.2f} GiB)")
+    smallest = worst(PlanSettings(chunks[-1], MIN_TILE_PX, settings.tile_overlap_ratio, settings.time_compress, s))
+    raise PlanError(f"a {num_frames}x{height}x{width} video needs about {smallest.describe()} even with "
+                    f"{MIN_TILE_PX} px tiles and {chunks[-1]}-frame chunks, more than the "
+                    f"{budget / (1 << 30):.2f} GiB budget; raise --max-memory or process a smaller size")

@@ -1,0 +1,93 @@
+"""Memory budget (issue 16): the one estimate in cvvae.plan, the plan that fits a budget, --max-memory parsing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvvae.config import preset as get_preset
+from cvvae.loading import create_model
+from cvvae.memory import parse_bytes
+from cvvae.plan import (MIN_TILE_PX, PlanError, PlanSettings, activation_elements,
+                        estimate_memory, fit_plan, make_plan, weight_elements)
+from cvvae.runtime import VideoVAE
+from cvvae.runtime.backends import TorchBackend
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1", "tiny-sd3"])
+def test_weight_count_matches_the_model(preset):
+    model = create_model(preset, seed=0)
+    for direction, module in (("encode", model.encoder), ("decode", model.decoder)):
+        real = sum(p.numel() for p in module.parameters())
+        assert abs(weight_elements(model.config, direction) - real) / real < 0.01
+
+
+def test_activation_count_scales_with_tile_area_and_frames():
+    cfg = get_preset("cvvae-v1")
+    base = activation_elements(cfg, "decode", 17, 256, 256)
+    assert activation_elements(cfg, "decode", 17, 512, 512) == 4 * base
+    # decoder level 0 at 17 frames x 256^2, 128 channels: 6 live tensors of a resnet (cvvae/blocks.py)
+    assert base >= 6 * 128 * 17 * 256 * 256
+    assert activation_elements(cfg, "encode", 17, 256, 256) >= 6 * 128 * 17 * 256 * 256
+
+
+def test_estimate_of_the_full_size_720p_decode():
+    cfg = get_preset("cvvae-v1")
+    plan = make_plan(PlanSettings.from_config(cfg), 17, 720, 1280)
+    est = estimate_memory(cfg, plan, "decode")
+    assert est.tile_px == (576, 576) and est.chunk_frames == 17
+    assert est.weights == weight_elements(cfg, "decode") * 4
+    assert 10 * GIB < est.total < 40 * GIB   # the configured plan does not fit 8 GiB ...
+    assert "activations" in est.describe() and "576x576" in est.describe()
+
+
+def test_fit_plan_shrinks_tiles_to_the_budget():
+    cfg = get_preset("cvvae-v1")
+    settings = PlanSettings.from_config(cfg)
+    fitted, note = fit_plan(cfg, settings, 17, 720, 1280, 8 * GIB, ("decode",))
+    assert fitted.chunk_frames == 16 and fitted.tile_size < 576 and fitted.tile_size % 64 == 0
+    assert estimate_memory(cfg, make_plan(fitted, 17, 720, 1280), "decode").total <= 8 * GIB
+    bigger = PlanSettings(16, fitted.tile_size + 64, settings.tile_overlap_ratio)
+    assert estimate_memory(cfg, make_plan(bigger, 17, 720, 1280), "decode").total > 8 * GIB  # the largest that fits
+    assert note.startswith("plan changed to fit the 8.00 GiB memory budget: tile ")
+    same, no_note = fit_plan(cfg, settings, 17, 720, 1280, 64 * GIB, ("decode",))
+    assert same == settings and no_note == ""
+
+
+def test_fit_plan_halves_chunks_then_refuses():
+    cfg = get_preset("cvvae-v1")
+    settings = PlanSettings.from_config(cfg)
+    at_min = estimate_memory(cfg, make_plan(PlanSettings(16, MIN_TILE_PX, settings.tile_overlap_ratio), 17, 720,
+                                            1280), "decode").total
+    fitted, note = fit_plan(cfg, settings, 17, 720, 1280, at_min - 1, ("decode",))
+    assert fitted.chunk_frames == 8 and ", chunk 8 frames" in note
+    with pytest.raises(PlanError, match=r"a 17x720x1280 video needs about 1.\d\d GiB \(decode: activations .* for a 5x64x64 "
+                                         r"tile, .*\) even with 64 px tiles and "
+                                         r"4-frame chunks, more than the 0.50 GiB budget; raise --max-memory"):
+        fit_plan(cfg, settings, 17, 720, 1280, GIB // 2, ("decode",))
+
+
+def test_runtime_plans_within_its_budget(tiny_v1):
+    vae = VideoVAE(TorchBackend(tiny_v1), max_memory=None)
+    assert vae.plan(17, 256, 256).settings == vae.settings
+    need = estimate_memory(tiny_v1.config, vae.plan(17, 256, 256), "decode").total
+    small = VideoVAE(TorchBackend(tiny_v1), max_memory=need - 1)
+    plan = small.plan(17, 256, 256, ("decode",))
+    assert plan.settings.tile_size < 256 and plan.num_tiles > 1
+    z = torch.randn(1, 4, 3, 8, 16, generator=torch.Generator().manual_seed(0))
+    assert small.decode(z).shape == (1, 3, 9, 64, 128)  # a fitted plan still decodes to the original size
+
+
+@pytest.mark.parametrize("text, expected", [("8G", 8 * GIB), ("1.5g", 3 * GIB // 2), ("512M", 512 << 20),
+                                            ("8GiB", 8 * GIB), ("1000", 1000), ("2 GB", 2 * GIB)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "0", "8X", "lots"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="is not a positive size such as 8G, 1.5G or 512M"):
+        parse_bytes(text)
+
