@@ -137,6 +137,9 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """CV-VAE deployment toolkit: reference model, ONNX export, engines and a chunked streaming runtime."""
+    from .allocator import keep_memory
+
+    keep_memory()  # before any work: big buffers stay in the heap for reuse (cvvae.allocator)
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
