@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from .. import tiling
+from ..allocator import keep_memory
 from ..config import ModelConfig
 from ..errors import InputError
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
 from ..model import LOGVAR_MAX, LOGVAR_MIN
-from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
+from ..plan import PlanSettings, VideoPlan, fit_plan, make_latent_plan, make_plan
+from ..precision import PrecisionChoice, recorded_bf16_psnr, resolve_precision
 from .backends import BACKENDS, Backend
 
 log = logging.getLogger(__name__)
@@ -95,37 +97,81 @@ def to_pixels(frames: Any) -> torch.Tensor:
 class VideoVAE:
     """Encode and decode videos of any length and size on one backend, chunk by chunk."""
 
-    def __init__(self, backend: Backend, settings: PlanSettings | None = None, *, batch_tiles: bool = False) -> None:
+    def __init__(self, backend: Backend, settings: PlanSettings | None = None, *, batch_tiles: bool = False,
+                 max_memory: int | None = None, precision_choice: PrecisionChoice | None = None) -> None:
         self.backend = backend
         self.settings = settings or backend.plan_settings
         self.batch_tiles = batch_tiles
+        self.max_memory = max_memory  # bytes; None: the configured plan as is
+        self._precision_choice = precision_choice
+        self._fitted: dict[tuple[Any, ...], PlanSettings] = {}
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, backend: str = "torch", device: str = "cpu",
              precision: str = "fp32", batch_tiles: bool = False, plan_overrides: dict[str, Any] | None = None,
-             **backend_kwargs: Any) -> "VideoVAE":
+             max_memory: int | None = None, **backend_kwargs: Any) -> "VideoVAE":
         """Load a checkpoint (torch), an export directory (onnxruntime) or an engine directory (tensorrt).
 
         ``path=None`` is the built-in default model; with ``backend="onnxruntime"`` it is exported once into the
-        cache (keyed by the checkpoint's sha256) and reused.
+        cache (keyed by the checkpoint's sha256) and reused. ``precision="auto"`` follows :mod:`cvvae.precision`;
+        ``max_memory`` (bytes) makes every plan fit that budget (:func:`cvvae.plan.fit_plan`) and turns ONNX
+        Runtime's memory arena off. The C allocator keeps freed buffers for reuse (:mod:`cvvae.allocator`).
         """
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
+        keep_memory()
         if backend == "tensorrt" and device == "cpu":
             device = "cuda"  # engines run on a GPU; "cpu" is only the CLI-wide default
+        choice = resolve_precision(precision, backend=backend, device=device)
         if backend == "onnxruntime" and (path is None or not (Path(path) / "manifest.json").exists()):
-            path = cached_export(path, precision=precision)
-        impl = BACKENDS[backend](path, device=device, precision=precision, **backend_kwargs)
+            path = cached_export(path, precision=choice.precision)
+        if backend == "onnxruntime" and max_memory is not None:
+            backend_kwargs.setdefault("cpu_mem_arena", False)
+        if backend == "torch" and choice.precision == "bf16" and choice.requested == "auto":
+            impl, choice = _load_auto_bf16(path, device, choice, backend_kwargs)
+        else:
+            impl = BACKENDS[backend](path, device=device, precision=choice.precision, **backend_kwargs)
         settings = PlanSettings.from_config(impl.config, **(plan_overrides or {}))
-        return cls(impl, settings, batch_tiles=batch_tiles)
+        return cls(impl, settings, batch_tiles=batch_tiles, max_memory=max_memory, precision_choice=choice)
+
+    @property
+    def precision_choice(self) -> PrecisionChoice:
+        """The precision this runtime computes in and why (after ``auto``'s first-tile check, once it ran)."""
+        guarded = getattr(self.backend, "choice", None)
+        if guarded is not None:
+            return guarded
+        precision = self.backend.precision
+        return self._precision_choice or PrecisionChoice(precision, precision, "requested")
 
     # ----- plan -----------------------------------------------------------------------------------------------
     @property
     def config(self) -> ModelConfig:
         return self.backend.config
 
-    def plan(self, num_frames: int, height: int, width: int) -> VideoPlan:
-        return make_plan(self.settings, num_frames, height, width)
+    def plan(self, num_frames: int, height: int, width: int,
+             directions: tuple[str, ...] = ("encode", "decode")) -> VideoPlan:
+        return make_plan(self.settings_for(num_frames, height, width, directions), num_frames, height, width)
+
+    def settings_for(self, num_frames: int, height: int, width: int,
+                     directions: tuple[str, ...] = ("encode", "decode")) -> PlanSettings:
+        """The configured plan settings, or (with ``max_memory``) those that fit the budget for this frame size.
+
+        With temporal chunking the fit depends only on the frame size (it plans for a full chunk), so every plan of
+        a stream uses the same settings whatever the final frame count.
+        """
+        if self.max_memory is None:
+            return self.settings
+        chunk = self.settings.chunk_frames
+        frames = chunk + 1 if chunk else num_frames
+        key = (frames, height, width, directions)
+        if key not in self._fitted:
+            half = self.backend.precision in ("bf16", "fp16")
+            settings, note = fit_plan(self.config, self.settings, frames, height, width, self.max_memory, directions,
+                                      dtype_bytes=2 if half else 4, batch_tiles=self.batch_tiles)
+            if note:
+                log.warning("%s", note)
+            self._fitted[key] = settings
+        return self._fitted[key]
 
     # ----- encode ---------------------------------------------------------------------------------------------
     def encode(self, frames: Any, *, metadata: dict[str, Any] | None = None,
@@ -151,7 +197,7 @@ class VideoVAE:
             if x.shape[1] != self.config.in_channels:
                 raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.config.in_channels}")
             if plan is None:
-                plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
+                plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4], ("encode",))
                 streamer = tiling.StreamingEncoder(self.backend.encoder, plan, batch_tiles=self.batch_tiles)
             elif x.shape[3:] != (plan.height, plan.width):
                 raise InputError(f"frame size changed mid-stream from {plan.height}x{plan.width} to "
@@ -164,7 +210,7 @@ class VideoVAE:
                 on_progress(frames_done, total_frames)
         if streamer is None:
             raise InputError("no frames to encode: the input is empty")
-        final = self.plan(frames_done, plan.height, plan.width)
+        final = self.plan(frames_done, plan.height, plan.width, ("encode",))
         tail = list(streamer.finish())
         if not tail:  # the last chunk ended on the last frame: still hand over the final plan
             empty = torch.empty(0)
@@ -180,7 +226,7 @@ class VideoVAE:
                 means.append(mean)
                 logvars.append(logvar)
         meta = {**self.backend.identity, "plan": plan.describe(), "backend": self.backend.name,
-                "precision": self.backend.precision, **(metadata or {})}
+                **self.precision_choice.as_metadata(), **(metadata or {})}
         return Latents(torch.cat(means, 2), torch.cat(logvars, 2), plan.num_frames, plan.height, plan.width, meta)
 
     def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
@@ -206,7 +252,8 @@ class VideoVAE:
             check_latent_matches(LatentFile(latents.mean, latents.logvar, metadata=latents.metadata), self.config,
                                  self.backend.identity.get("model_sha256"))
         z = latents.mean
-        plan = make_latent_plan(self.settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
+        settings = self.settings_for(latents.num_frames, latents.height, latents.width, ("decode",))
+        plan = make_latent_plan(settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
                                 height=latents.height, width=latents.width)
         done = 0
         for pixels in tiling.iter_decode(self.backend.decoder, z.float(), plan, batch_tiles=self.batch_tiles):
@@ -218,6 +265,20 @@ class VideoVAE:
     def decode(self, latents: Latents | torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Decode to float pixels (B,3,T,H,W) in [-1,1] of the original size."""
         return torch.cat(list(self.decode_stream(latents, **kwargs)), dim=2)
+
+
+def _load_auto_bf16(path: Any, device: str, choice: PrecisionChoice,
+                    backend_kwargs: dict[str, Any]) -> tuple[Backend, PrecisionChoice]:
+    """``auto`` chose bf16: use it directly for a checkpoint with recorded bf16 accuracy, else guard the first tile."""
+    from .backends import TorchBackend
+    from .precision_guard import Bf16Guard
+
+    fp32 = TorchBackend.load(path, device=device, precision="fp32", **backend_kwargs)
+    recorded = recorded_bf16_psnr(fp32.identity.get("model_sha256"))
+    if recorded is None:
+        return Bf16Guard(fp32, choice), choice
+    reason = f"{choice.reason}; bf16 accuracy recorded for this checkpoint ({recorded:.1f} dB vs fp32)"
+    return TorchBackend(fp32.model.to(torch.bfloat16), "bf16"), PrecisionChoice("auto", "bf16", reason)
 
 
 def _split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,18 @@ from .video_io import VideoWriter, probe_video, tensor_to_frames
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 
 
+def _store_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Keep --max-memory in the context (bytes) for load_runtime; a bad size is a usage error."""
+    from ..memory import parse_bytes
+
+    try:
+        ctx.meta["cvvae.max_memory"] = None if value is None else parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
 def runtime_options(fn):
-    """--model / --backend / --device / --precision / --batch-tiles."""
+    """--model / --backend / --device / --precision / --max-memory / --batch-tiles."""
     options = [
         click.option("--model", "model_path", default=None, metavar="PATH",
                      help="Checkpoint (torch), export dir (onnxruntime) or engine dir (tensorrt); random:PRESET for "
@@ -37,8 +47,12 @@ def runtime_options(fn):
         click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
                      show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] (tensorrt[:N] for ORT's TRT EP)."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32",
-                     show_default=True),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+                     show_default=True, help="auto: bf16 where the CPU/GPU computes it natively and its accuracy "
+                                             "holds, else fp32 (docs/benchmarks.md, Precision)."),
+        click.option("--max-memory", default=None, metavar="SIZE", expose_value=False, callback=_store_max_memory,
+                     help="Memory budget such as 8G: tiles (and chunks) shrink so the job fits. "
+                          "Default: 90% of the memory available now."),
         click.option("--batch-tiles", is_flag=True, help="Run equal-shape tiles in one batched call (exact)."),
         click.option("--preset", default=None, help="Architecture preset for a bare weights file (torch backend)."),
     ]
@@ -81,9 +95,18 @@ def read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_
 
 
 def load_runtime(model_path, backend, device, precision, batch_tiles, preset=None, **plan_kw) -> VideoVAE:
+    from ..allocator import release_memory
+    from ..memory import default_budget
+
     extra = {"preset": preset} if preset else {}
-    return VideoVAE.load(model_path, backend=backend, device=device, precision=precision, batch_tiles=batch_tiles,
-                         plan_overrides=plan_overrides(**plan_kw), **extra)
+    ctx = click.get_current_context(silent=True)
+    budget = ctx.meta.get("cvvae.max_memory") if ctx else None
+    vae = VideoVAE.load(model_path, backend=backend, device=device, precision=precision, batch_tiles=batch_tiles,
+                        plan_overrides=plan_overrides(**plan_kw), max_memory=budget or default_budget(), **extra)
+    click.echo(f"precision: {vae.precision_choice.describe()}", err=True)
+    if ctx:
+        ctx.call_on_close(release_memory)  # the job's heap goes back to the kernel when the command ends
+    return vae
 
 
 @contextmanager

@@ -38,7 +38,7 @@ def test_estimate_of_the_full_size_720p_decode():
     plan = make_plan(PlanSettings.from_config(cfg), 17, 720, 1280)
     est = estimate_memory(cfg, plan, "decode")
     assert est.tile_px == (576, 576) and est.chunk_frames == 17
-    assert est.weights == weight_elements(cfg, "decode") * 4
+    assert est.weights == (weight_elements(cfg, "encode") + weight_elements(cfg, "decode")) * 4
     assert 10 * GIB < est.total < 40 * GIB   # the configured plan does not fit 8 GiB ...
     assert "activations" in est.describe() and "576x576" in est.describe()
 
