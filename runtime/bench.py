@@ -5,19 +5,20 @@ executing the plan) and each target of the runtime (``VideoVAE`` on torch fp32/b
 TensorRT) on identical pixels and latents, for encode, decode and the round trip, over a frame-count sweep and a size
 sweep. Each measurement is warm-up runs (on the first chunk of the same size) then ``reps`` timed runs; the figure is
 the median. Alongside: ms per frame, frames per second, achieved GFLOP/s (FLOPs of the plan from
-:mod:`cvvae.runtime.flops`), that rate as a fraction of the machine's fp32 GEMM rate measured in the same run
-(:func:`gemm_peak`), the time relative to the reference, peak memory, and the 1-minute load average.
+:mod:`cvvae.runtime.flops`), that rate as a fraction of the machine's GEMM rate at the same precision measured in
+the same run (:func:`gemm_peak`: fp32 targets against the fp32 GEMM, bf16 targets against the bf16 GEMM), the time
+relative to the reference, peak memory, and the 1-minute load average.
 
-Peak memory on CPU is the kernel's peak RSS (VmHWM) after a reset (``/proc/self/clear_refs`` = 5) taken just before
-the timed runs, with glibc's mmap threshold fixed (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_`` in
-benchmarks/streaming_memory.py) so that freed activation buffers go back to the kernel and the peak is repeatable.
-On CUDA it is the torch allocator's peak. ``mem_delta_mb`` (peak minus the RSS just before) is the working memory of
+Timed runs use the runtime's own allocator settings (:func:`cvvae.allocator.keep_memory`, as the CLI does). Peak
+memory is measured in a separate, untimed pass per target: on CPU the kernel's peak RSS (VmHWM) after a reset
+(``/proc/self/clear_refs`` = 5), with glibc's mmap threshold lowered to 1 MiB for that pass only
+(:func:`cvvae.allocator.returning_memory`) so that freed buffers go back to the kernel and the peak is repeatable;
+on CUDA the torch allocator's peak. ``mem_delta_mb`` (peak minus the RSS just before) is the working memory of
 the operation; ``peak_mem_mb`` includes the process, the loaded weights and the inputs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from cvvae.allocator import keep_memory, release_memory, returning_memory
 from cvvae.durations import format_duration
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
@@ -239,15 +241,21 @@ class GemmPeak:
     threads: int
     device: str
     load_1m: float | None
+    dtype: str = "fp32"
 
 
-def _matmul_fn(engine: str, size: int, threads: int, device: str) -> Callable[[], Any]:
+GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _matmul_fn(engine: str, size: int, threads: int, device: str, dtype: str = "fp32") -> Callable[[], Any]:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
     if engine == "torch":
-        a, b = a.to(device), b.to(device)
-        out = torch.empty(size, size, device=device)
+        a, b = a.to(device, GEMM_DTYPES[dtype]), b.to(device, GEMM_DTYPES[dtype])
+        out = torch.empty(size, size, device=device, dtype=GEMM_DTYPES[dtype])
         return lambda: torch.matmul(a, b, out=out)
+    if dtype != "fp32":
+        raise InputError(f"the {engine} GEMM is measured in fp32 only, not {dtype}")
     if engine != "onnxruntime":
         raise InputError(f"unknown GEMM engine {engine!r}; choose from {', '.join(GEMM_ENGINES)}")
     import onnxruntime as ort
@@ -264,11 +272,12 @@ def _matmul_fn(engine: str, size: int, threads: int, device: str) -> Callable[[]
 
 
 def gemm_peak(*, engine: str = "torch", size: int = 2048, seconds: float = 2.0, window_s: float = 0.25,
-              threads: int | None = None, device: str = "cpu", when: str = "start") -> GemmPeak:
-    """Repeat a ``size``^2 fp32 matmul (2*n^3 FLOPs) for about ``seconds`` after 2 warm-up products."""
+              threads: int | None = None, device: str = "cpu", when: str = "start",
+              dtype: str = "fp32") -> GemmPeak:
+    """Repeat a ``size``^2 matmul in ``dtype`` (2*n^3 FLOPs) for about ``seconds`` after 2 warm-up products."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    fn = _matmul_fn(engine, size, threads, device)
+    fn = _matmul_fn(engine, size, threads, device, dtype)
     for _ in range(2):
         fn()
     _sync(device)
@@ -288,7 +297,7 @@ def gemm_peak(*, engine: str = "torch", size: int = 2048, seconds: float = 2.0, 
     elapsed = time.perf_counter() - t0
     mean = flop * n / elapsed
     return GemmPeak(engine, when, max(best, mean) / 1e9, mean / 1e9, size, n, elapsed, window_s, threads, device,
-                    (load_average() or [None])[0])
+                    (load_average() or [None])[0], dtype)
 
 
 def _sync(device: str) -> None:
@@ -297,25 +306,6 @@ def _sync(device: str) -> None:
 
 
 # ----- memory -----------------------------------------------------------------------------------------------------
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Fix glibc's mmap threshold so freed large buffers go back to the kernel (repeatable peaks); False if no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _status_kb(name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(name + ":"):
@@ -345,7 +335,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(torch.device(self.device))
             self.base_mb = torch.cuda.memory_allocated(torch.device(self.device)) / 2**20
         elif self.unavailable is None:
-            _malloc_trim()
+            release_memory()
             Path("/proc/self/clear_refs").write_text("5")
             self.base_mb = _status_kb("VmRSS") / 1024
 
@@ -529,8 +519,13 @@ class BenchResult:
 
     @property
     def peak_gflop_s(self) -> float:
-        """The GEMM yardstick: the best matmul rate measured in the run (any engine, start or end)."""
-        return max((g.gflop_s for g in self.gemm), default=math.nan)
+        """The fp32 GEMM yardstick: the best fp32 matmul rate measured in the run (any engine, start or end)."""
+        return self.peak_for("fp32")
+
+    def peak_for(self, precision: str) -> float:
+        """The yardstick of a target: the best GEMM rate at its precision (fp32 where none was measured)."""
+        rates = [g.gflop_s for g in self.gemm if g.dtype == precision]
+        return max(rates) if rates else max((g.gflop_s for g in self.gemm if g.dtype == "fp32"), default=math.nan)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -566,13 +561,13 @@ def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> Bench
     say = on_progress or (lambda msg: log.info("%s", msg))
     started, t_start = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    fixed = fix_mmap_threshold() if cfg.device == "cpu" else False
+    allocator = keep_memory()
     memory = PeakMemory(cfg.device)
     result = BenchResult(cfg.as_dict(), machine_info(cfg.threads, cfg.device), started_utc=started)
     _measure_gemm(cfg, result, "start", say)
     if cfg.device == "cpu":
-        result.notes.append("glibc mmap threshold fixed at 1 MiB" if fixed else
-                            "glibc mmap threshold could not be fixed (not glibc?): peaks may drift between runs")
+        result.notes.append(f"timed with the runtime's allocator settings ({allocator}); peak memory measured in a "
+                            "separate untimed pass per target with glibc's mmap threshold at 1 MiB")
     if memory.unavailable:
         result.notes.append(memory.unavailable)
     targets = cfg.parsed_targets()
@@ -590,7 +585,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> Bench
     _measure_gemm(cfg, result, "end", say)
     torch_mm = max((g.gflop_s for g in result.gemm if g.engine == "torch"), default=math.nan)
     for row in result.rows:  # the yardstick is the best GEMM measurement of the run
-        row.fraction_of_gemm_peak = row.gflop_s / result.peak_gflop_s
+        row.fraction_of_gemm_peak = row.gflop_s / result.peak_for(row.precision)
         row.fraction_of_torch_matmul = row.gflop_s / torch_mm
     result.wall_s = time.perf_counter() - t_start
     result.load_average_end = load_average()
@@ -600,11 +595,14 @@ def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> Bench
 def _measure_gemm(cfg: BenchConfig, result: BenchResult, when: str, say: Progress) -> None:
     from cvvae.runtime.backends import is_installed
 
-    engines = [e for e in GEMM_ENGINES if e == "torch" or (cfg.device == "cpu" and is_installed("onnxruntime"))]
-    for engine in engines:
-        say(f"GEMM peak ({when}): {cfg.gemm_size}^2 fp32 matmul in {engine} for {cfg.gemm_seconds:g} s")
+    engines = [(e, "fp32") for e in GEMM_ENGINES
+               if e == "torch" or (cfg.device == "cpu" and is_installed("onnxruntime"))]
+    engines += [("torch", p) for p in sorted({t.precision for t in cfg.parsed_targets()} & {"bf16", "fp16"})
+                if p == "bf16" or cfg.device != "cpu"]
+    for engine, dtype in engines:
+        say(f"GEMM peak ({when}): {cfg.gemm_size}^2 {dtype} matmul in {engine} for {cfg.gemm_seconds:g} s")
         result.gemm.append(gemm_peak(engine=engine, size=cfg.gemm_size, seconds=cfg.gemm_seconds,
-                                     threads=cfg.threads, device=cfg.device, when=when))
+                                     threads=cfg.threads, device=cfg.device, when=when, dtype=dtype))
 
 
 def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: BenchConfig, memory: PeakMemory,
@@ -670,7 +668,11 @@ def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: 
 
 def _measure_interleaved(fns: list[OpFn], x: Inputs, warm: Inputs, cfg: BenchConfig,
                          memory: PeakMemory) -> list[dict[str, Any]]:
-    """Warm every target up, then ``reps`` rounds of one timed run per target; peak memory is reset before each run."""
+    """Warm every target up, then ``reps`` rounds of one timed run per target, then one untimed memory pass each.
+
+    Timed runs keep the runtime's allocator settings; the memory pass returns freed buffers to the kernel (glibc
+    mmap threshold 1 MiB for its duration) so that its peak is that of the run's own live buffers.
+    """
     runs: list[dict[str, Any]] = [{"times_s": [], "peak_mb": None, "delta_mb": None, "loads": []} for _ in fns]
     with torch.inference_mode():
         for fn in fns:
@@ -679,16 +681,17 @@ def _measure_interleaved(fns: list[OpFn], x: Inputs, warm: Inputs, cfg: BenchCon
         _sync(cfg.device)
         for _ in range(cfg.reps):
             for fn, run in zip(fns, runs):
-                memory.reset()
                 t0 = time.perf_counter()
                 fn(x)
                 _sync(cfg.device)
                 run["times_s"].append(time.perf_counter() - t0)
-                peak, delta = memory.read()
-                if peak is not None:
-                    run["peak_mb"] = max(peak, run["peak_mb"] or 0.0)
-                    run["delta_mb"] = max(delta, run["delta_mb"] or 0.0)
                 run["loads"].append((load_average() or [math.nan])[0])
+        for fn, run in zip(fns, runs):
+            with returning_memory(enabled=cfg.device == "cpu"):
+                memory.reset()
+                fn(x)
+                _sync(cfg.device)
+                run["peak_mb"], run["delta_mb"] = memory.read()
     for run in runs:
         run["load_1m"] = round(statistics.mean(run.pop("loads")), 2)
     return runs
