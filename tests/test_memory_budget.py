@@ -63,7 +63,7 @@ def test_fit_plan_halves_chunks_then_refuses():
                                             1280), "decode").total
     fitted, note = fit_plan(cfg, settings, 17, 720, 1280, at_min - 1, ("decode",))
     assert fitted.chunk_frames == 8 and ", chunk 8 frames" in note
-    with pytest.raises(PlanError, match=r"a 17x720x1280 video needs about 1.\d\d GiB \(decode: activations .* for a 5x64x64 "
+    with pytest.raises(PlanError, match=r"a 17x720x1280 video needs about 2.\d\d GiB \(decode: activations .* for a 5x64x64 "
                                          r"tile, .*\) even with 64 px tiles and "
                                          r"4-frame chunks, more than the 0.50 GiB budget; raise --max-memory"):
         fit_plan(cfg, settings, 17, 720, 1280, GIB // 2, ("decode",))
