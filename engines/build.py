@@ -174,6 +174,13 @@ def estimate_memory(manifest: Any, component: str, precision: str, profiles: Seq
                           activation_bytes=3 * largest * per + attention * per)
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags of a strongly typed network, from the enum: STRONGLY_TYPED is bit 1 in TensorRT 10
+    and bit 0 in TensorRT 11 (where it is deprecated, networks being always strongly typed), so never a literal."""
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if strongly_typed is None else 1 << int(strongly_typed)
+
+
 # ----- one engine -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineBuilder:
@@ -224,8 +231,7 @@ class EngineBuilder:
         trt = lazy_import("tensorrt", "building TensorRT engines")
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: always
-        network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+        network = builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(self.onnx_path)):
             errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
