@@ -90,6 +90,16 @@ def test_strongly_typed_flag_comes_from_each_release_enum(descriptions):
     assert descriptions["11"]["classes"]["NetworkDefinitionCreationFlag"]["members"]["STRONGLY_TYPED"]["value"] == 0
 
 
+@pytest.mark.trt_api
+def test_dtype_names_the_backend_maps_exist_in_both(apis):
+    from cvvae.engines.engine_check import TRT_DTYPES
+
+    for api in apis.values():
+        for name in TRT_DTYPES:
+            member = api.member("DataType", name)
+            assert member and member["kind"] == "value" and member["type"] == "DataType", (api.version, name)
+
+
 def _remove(description: dict, cls: str, member: str) -> dict:
     d = copy.deepcopy(description)
     del d["classes"][cls]["members"][member]

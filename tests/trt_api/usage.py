@@ -10,8 +10,9 @@ Which variables hold which TensorRT class is the hand-kept :data:`VARIABLE_TYPES
 ``builder``, ``network``, ``engine``...); conformance.py confirms each entry wherever such a variable is assigned
 from TensorRT (``network = builder.create_network(...)`` must return ``INetworkDefinition``). A name of the table is
 not tracked in a function where it is a parameter with a concrete annotation (``engine: str``) or is assigned from
-something that is not TensorRT, nor as ``self.NAME`` where the class declares ``NAME`` with a concrete annotation or
-as a method/property. Chains through a subscript (``shapes[0].x``) are not followed.
+something that is not TensorRT (``engine = opened.engine``, an attribute of the same name, keeps it), nor as
+``self.NAME`` where the class declares ``NAME`` with a concrete annotation or as a method/property. Chains through a
+subscript (``shapes[0].x``) are not followed.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class _Collector:
                         tracked[t.id] = MODULE
                     continue
                 for t in targets:
-                    if t.id in tracked and self._chain(node.value, _Scope(tracked)) is None:
+                    same_name = isinstance(node.value, ast.Attribute) and node.value.attr == t.id  # engine = x.engine
+                    if t.id in tracked and not same_name and self._chain(node.value, _Scope(tracked)) is None:
                         del tracked[t.id]
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 if node.target.id in tracked and _concrete(node.annotation):
