@@ -104,8 +104,8 @@ def build_engines(export_dir: Path, out_dir: Path, precision: str, components: s
             click.echo(json.dumps([{"engine": str(t.builder.engine_path), "sidecar": str(t.builder.sidecar_path),
                                     "status": t.status, "command": t.command} for t in written], indent=2))
             return
-        click.echo(f"# Equivalent trtexec builds; their sidecars are in {out_dir}. Run these lines from this folder on "
-                   "the GPU machine.\n# The tensorrt backend checks each engine's I/O tensors and profiles against "
+        click.echo(f"# Equivalent trtexec builds; their sidecars are in {out_dir}. Run these lines on the GPU machine "
+                   f"from {Path.cwd()}.\n# The tensorrt backend checks each engine's I/O tensors and profiles against "
                    "its sidecar at its first load,\n# then records its sha256 and refuses any other plan file.")
         for t in written:
             click.echo(t.builder.trtexec_line())

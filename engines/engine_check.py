@@ -100,8 +100,8 @@ def io_problems(found: EngineIO, sidecar: EngineSidecar, export_io: Mapping[str,
         for n, t in io.items():
             static = [d if isinstance(d, int) else -1 for d in t.get("dims", [])]
             got = found.tensors[n]["dims"]
-            # axes the graph names are dynamic (-1 in the engine); the static ones (channels) must be equal
-            if len(got) != len(static) or any(s != -1 and g != s for g, s in zip(got, static)):
+            # axes the graph names are dynamic (-1 in the engine); where both give a number (channels) it must agree
+            if len(got) != len(static) or any(-1 not in (g, s) and g != s for g, s in zip(got, static)):
                 problems.append(f"tensor {n!r}: the engine's dims are {got}; {label} says {t.get('dims')}")
     wanted = [{n: (tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])) for n, s in p["shapes"].items()}
               for p in sidecar.profiles]
