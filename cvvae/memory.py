@@ -41,6 +41,3 @@ def default_budget() -> int | None:
     available = available_memory()
     return None if available is None else int(available * DEFAULT_FRACTION)
 
-
-def format_bytes(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
