@@ -33,7 +33,7 @@ def no_tf32():
 
 @pytest.mark.parametrize("precision", list(DTYPES))
 @pytest.mark.parametrize("golden", ["public-v1-tiny", "public-sd3-tiny"])
-def test_golden_on_cuda(golden, precision, request):
+def test_golden_on_cuda(golden, precision):
     from conftest import golden_dir
     from cvvae.loading import load_model
 
