@@ -87,7 +87,7 @@ class Row:
 
 def _pixel_metrics(candidate: torch.Tensor, reference: torch.Tensor, *, ssim: bool = True) -> dict[str, Any]:
     from cvvae.metrics import ssim_video
-    from cvvae.runtime.compare import compare
+    from cvvae.compare import compare
 
     stats = compare("video", reference, candidate)
     out = {"psnr": _finite(stats.psnr), "max_abs": _finite(stats.max_abs), "mean_abs": _finite(stats.mean_abs),
@@ -98,7 +98,7 @@ def _pixel_metrics(candidate: torch.Tensor, reference: torch.Tensor, *, ssim: bo
 
 
 def _latent_metrics(candidate: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-    from cvvae.runtime.compare import compare
+    from cvvae.compare import compare
 
     stats = compare("latent", reference, candidate)
     rms_ref = float(reference.double().pow(2).mean().sqrt())

@@ -184,7 +184,7 @@ class QuantizeConfig:
             raise InputError("modelopt calibrates with 'minmax' (its 'max') or 'entropy', not percentile")
 
     def resolved_quantizer(self) -> str:
-        from cvvae.runtime.backends import is_installed
+        from cvvae.extras import is_installed
 
         if self.quantizer == "auto":
             use = "modelopt" if is_installed("modelopt") and self.method is not CalibrationMethod.PERCENTILE \

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, preset as get_preset
 from .errors import CheckpointError
+from .default_model import DEFAULT_MODEL_DIR
 from .fsutil import atomic_path, sha256_file
 from .model import CVVAE
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRAINING_ONLY_PREFIXES = ("loss.", "constraint_decoder.", "model_ema.", "discriminator.", "lpips.")
 RANDOM_PREFIX = "random:"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 _SD3_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 

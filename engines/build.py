@@ -219,7 +219,7 @@ class EngineBuilder:
     # ----- the TensorRT Python API ------------------------------------------------------------------------------------
     def build(self, cache_bytes: bytes | None = None) -> tuple[bytes, bytes]:
         """Parse the ONNX graph, add the profiles and build; returns (serialized engine, updated timing cache)."""
-        from cvvae.runtime.backends import lazy_import
+        from cvvae.extras import lazy_import
 
         trt = lazy_import("tensorrt", "building TensorRT engines")
         logger = trt.Logger(trt.Logger.WARNING)

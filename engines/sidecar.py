@@ -69,7 +69,7 @@ def current_environment(device: int = 0) -> EngineEnvironment:
     """The running TensorRT version, CUDA version (torch's runtime) and GPU; needs tensorrt and a CUDA device."""
     import torch
 
-    from cvvae.runtime.backends import lazy_import
+    from cvvae.extras import lazy_import
 
     trt = lazy_import("tensorrt", "building or loading TensorRT engines")
     if not torch.cuda.is_available():

@@ -142,7 +142,7 @@ class TensorRTBackend:
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cuda", precision: str = "fp16",
              components: tuple[str, ...] = ("encoder", "decoder")) -> "TensorRTBackend":
-        from cvvae.runtime.backends import lazy_import
+        from cvvae.extras import lazy_import
 
         trt = lazy_import("tensorrt", "the tensorrt backend")  # first: without TensorRT nothing else matters
         engine_dir = Path(engine_dir)

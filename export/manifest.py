@@ -12,9 +12,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from cvvae.config import ConfigError, ModelConfig
 from cvvae.errors import ExportError
@@ -23,8 +21,11 @@ from cvvae.export.contract import ComponentSpec
 from cvvae.fsutil import atomic_path, sha256_file
 from cvvae.plan import PlanError, PlanSettings
 
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+if TYPE_CHECKING:  # onnx is needed to write a manifest, not to read one (the torch-free runtime reads them)
+    import onnx
+
+# onnx.TensorProto element types (FLOAT, FLOAT16, BFLOAT16, DOUBLE) -> numpy dtype names
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
 
 
 @dataclass
@@ -184,6 +185,7 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     import numpy
+    import onnx
     import onnxruntime
     import torch
 
