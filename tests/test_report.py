@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, VIDEOS
-from cvvae.runtime.report import ReportConfig, build_report, nice_ceil, shown_frame_indices
+from cvvae.tools.report import ReportConfig, build_report, nice_ceil, shown_frame_indices
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 

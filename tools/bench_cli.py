@@ -13,10 +13,10 @@ import click
 from cvvae.cli import handle_errors
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import check_writable_target
-from cvvae.runtime.backends import is_installed
-from cvvae.runtime.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
+from cvvae.extras import is_installed
+from cvvae.tools.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
 from cvvae.runtime.cli import read_kwargs, video_read_options
-from cvvae.runtime.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
+from cvvae.tools.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:

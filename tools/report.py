@@ -28,7 +28,7 @@ import torch
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
 from cvvae.metrics import psnr, psnr_per_frame, ssim_video, to_uint8_frames
-from cvvae.runtime.bench import Target, onnx_export_for
+from cvvae.tools.bench import Target, onnx_export_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ REPORT_PACKAGES = {"matplotlib": "matplotlib", "skimage": "scikit-image"}  # imp
 
 def require_report_packages() -> None:
     """Fail before any work when the plotting/SSIM packages are missing, naming what to install."""
-    from cvvae.runtime.backends import is_installed
+    from cvvae.extras import is_installed
 
     missing = [pip for module, pip in REPORT_PACKAGES.items() if not is_installed(module)]
     if missing:
@@ -153,7 +153,7 @@ def _load_vae(target: Target, model_spec: str | None, export_dir: Path | None, t
     from cvvae.runtime.api import VideoVAE
 
     if target.backend == "torch":
-        from cvvae.runtime.parity import checkpoint_of
+        from cvvae.tools.parity import checkpoint_of
 
         return VideoVAE.load(checkpoint_of(model_spec), backend="torch", precision=target.precision)
     if target.backend == "onnxruntime":
@@ -175,8 +175,8 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
                  on_progress: Progress | None = None) -> Report:
     """Reconstruct ``input_path`` with every target of ``config`` and write the report into ``out_dir``."""
     from cvvae.fsutil import check_writable_target
-    from cvvae.runtime.backends import is_installed
-    from cvvae.runtime.parity import load_input
+    from cvvae.extras import is_installed
+    from cvvae.tools.parity import load_input
 
     config = config or ReportConfig()
     say = on_progress or (lambda msg: log.info("%s", msg))
