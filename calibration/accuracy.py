@@ -193,6 +193,7 @@ def measure(export_dir: str | Path, clips: Sequence[str | Path], config: Accurac
     refs: list[dict[str, Any]] = []
     for clip, described in zip(clip_paths, describe_clips(clip_paths)):
         frames, _ = read_video(clip, **config.read_kwargs())
+        frames = torch.from_numpy(frames)  # torch in, torch out: the metrics below are torch functions
         x = to_pixels(frames)
         t, h, w = x.shape[2:]
         plan = vae.plan(t, h, w)

@@ -1,17 +1,18 @@
 """The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.runtime.backends.Backend`
-interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 torch tensors).
+interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 arrays of the caller's family).
 
 * Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`): another TensorRT version, GPU or compute
   capability than the sidecar records, or a graph whose sha256 no longer matches the export.
 * One execution context per engine; the optimization profile is chosen per call (the smallest profile containing the
   chunk/tile shape, :func:`cvvae.engines.profile.choose_profile`) and switched only when it changes.
-* Device buffers are torch CUDA tensors (``set_tensor_address(name, tensor.data_ptr())``). The work is enqueued
-  (``execute_async_v3``) on the engine's own torch CUDA stream, which waits for torch's current stream and makes it
-  wait in turn, so results are ordered with the surrounding torch code without a host sync (TensorRT warns about,
-  and synchronizes around, the legacy default stream). A CUDA input is used in place (zero copy) when it already
-  has the engine's dtype and is contiguous.
-* Inputs are cast to the engine's I/O dtype (fp16 graphs take fp16); outputs are returned as float32, on the input's
-  device (a CPU tile comes back on the CPU, a CUDA tile stays on the GPU).
+* Device buffers are CUDA arrays of torch where it is installed, else CuPy (:class:`cvvae.cuda_device.CudaDevice`;
+  ``set_tensor_address(name, pointer)``). The work is enqueued (``execute_async_v3``) on the engine's own CUDA
+  stream, which waits for the library's current stream and makes it wait in turn, so results are ordered with the
+  caller's work without a host sync (TensorRT warns about, and synchronizes around, the legacy default stream). A
+  CUDA input is used in place (zero copy) when it already has the engine's dtype and is contiguous; other device
+  arrays (DLPack, ``__cuda_array_interface__``) are viewed, host arrays copied in.
+* Inputs are cast to the engine's I/O dtype (fp16 graphs take fp16); outputs are returned as float32 in the input's
+  family and on its device (a numpy tile comes back as numpy, a CUDA tile stays on the GPU).
 
 TensorRT is imported only when a backend is loaded.
 """
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cvvae import arrays
 from cvvae.config import ModelConfig
+from cvvae.cuda_device import CudaDevice
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.plan import PlanSettings
 from cvvae.engines.profile import Profile, choose_profile
@@ -35,9 +36,9 @@ from cvvae.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 
-# TensorRT DataType name -> torch dtype (looked up by name, so this module imports without tensorrt)
-TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+# TensorRT DataType name -> array dtype name (looked up by name, so this module imports without tensorrt)
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+              "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 
 
 @dataclass
@@ -50,16 +51,16 @@ class TrtEngine:
     profiles: list[Profile]
     inputs: list[str]
     outputs: list[str]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, str]                 # tensor name -> dtype name ("float16", ...)
     dims: dict[str, list[Any]]             # manifest dims per tensor (axis names), for error messages
-    device: torch.device
-    stream: Any = None                     # torch.cuda.Stream the engine runs on (TensorRT dislikes the default one)
+    device: CudaDevice
+    stream: Any = None                     # the CUDA stream the engine runs on (TensorRT dislikes the default one)
     active_profile: int | None = None
     tolerated: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, trt: Any, runtime: Any, path: Path, sidecar: EngineSidecar, device: torch.device) -> "TrtEngine":
-        with torch.cuda.device(device):
+    def load(cls, trt: Any, runtime: Any, path: Path, sidecar: EngineSidecar, device: CudaDevice) -> "TrtEngine":
+        with device.guard():
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendUnavailableError(f"TensorRT could not deserialize {path}; rebuild it")
@@ -71,9 +72,9 @@ class TrtEngine:
         for n in names:
             dt = engine.get_tensor_dtype(n)
             key = getattr(dt, "name", str(dt).split(".")[-1])
-            if key not in TRT_TO_TORCH:
-                raise BackendUnavailableError(f"{path}: tensor {n!r} has TensorRT dtype {key}, which torch lacks")
-            dtypes[n] = TRT_TO_TORCH[key]
+            if key not in TRT_DTYPES:
+                raise BackendUnavailableError(f"{path}: tensor {n!r} has TensorRT dtype {key}, which is not supported")
+            dtypes[n] = TRT_DTYPES[key]
         profiles = [Profile.from_dict(p) for p in sidecar.profiles]
         if len(profiles) != engine.num_optimization_profiles:
             raise BackendUnavailableError(f"{path} has {engine.num_optimization_profiles} optimization profiles but "
@@ -85,45 +86,47 @@ class TrtEngine:
                     raise BackendUnavailableError(f"{path}: profile {k} of input {n!r} is {got} in the engine but "
                                                   f"{(p[n].min, p[n].opt, p[n].max)} in the sidecar; rebuild it")
         dims = {n: list(t.get("dims", [])) for n, t in sidecar.io.items()}
-        stream = torch.cuda.Stream(device=device)
+        stream = device.new_stream()
         return cls(path, engine, context, profiles, inputs, outputs, dtypes, dims, device, stream)
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on ``feeds`` (name -> tensor); outputs as float32 on the device of the first input."""
+    def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run on ``feeds`` (name -> array); outputs as float32 arrays like the first input (family and device)."""
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise InputError(f"{self.path.name} needs input(s) {', '.join(missing)}; got {', '.join(feeds)}")
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         index = choose_profile(self.profiles, shapes, engine=self.path.name, axis_names=self.dims)
-        home = next(iter(feeds.values())).device
-        current = torch.cuda.current_stream(self.device)
-        with torch.cuda.device(self.device):
+        home = next(iter(feeds.values()))
+        cuda = self.device
+        current = cuda.current_stream()
+        with cuda.guard():
             if index != self.active_profile:
-                if not self.context.set_optimization_profile_async(index, self.stream.cuda_stream):
+                if not self.context.set_optimization_profile_async(index, cuda.pointer(self.stream)):
                     raise BackendUnavailableError(f"{self.path.name}: TensorRT refused optimization profile {index}")
                 self.active_profile = index
             keep = []  # device inputs stay referenced until the work is enqueued
-            # buffers are made on torch's current stream; the engine's stream waits for them, and torch's current
+            # buffers are made on the library's current stream; the engine's stream waits for them, and the current
             # stream waits for the engine, so everything after this call (frees included) is ordered after it
             for n in self.inputs:
-                x = feeds[n].to(self.device, self.dtypes[n], non_blocking=True).contiguous()
+                x = cuda.put(feeds[n], self.dtypes[n])
                 keep.append(x)
                 if not self.context.set_input_shape(n, tuple(x.shape)):
                     raise InputError(f"{self.path.name}: TensorRT rejected shape {tuple(x.shape)} for {n!r}")
-                self.context.set_tensor_address(n, x.data_ptr())
+                self.context.set_tensor_address(n, arrays.data_pointer(x))
             outputs = {}
             for n in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise InputError(f"{self.path.name}: output {n!r} shape {shape} is not determined by the inputs")
-                y = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
-                self.context.set_tensor_address(n, y.data_ptr())
+                y = cuda.empty(shape, self.dtypes[n])
+                self.context.set_tensor_address(n, arrays.data_pointer(y))
                 outputs[n] = y
-            self.stream.wait_stream(current)
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+            cuda.wait(self.stream, current)
+            if not self.context.execute_async_v3(cuda.pointer(self.stream)):
                 raise BackendUnavailableError(f"{self.path.name}: TensorRT failed to enqueue the inference")
-            current.wait_stream(self.stream)
-        return {n: y.to(home, torch.float32) for n, y in outputs.items()}
+            cuda.wait(current, self.stream)
+            xp = cuda.namespace
+            return {n: arrays.like(xp.astype(y, xp.float32), home) for n, y in outputs.items()}
 
 
 @dataclass
@@ -153,14 +156,14 @@ class TensorRTBackend:
         if kind != "cuda":
             raise InputError(f"the tensorrt backend runs on cuda[:N], not {device!r}")
         env = current_environment(int(index or 0))
-        torch_device = torch.device("cuda", int(index or 0))
+        cuda = CudaDevice.open(int(index or 0))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines: dict[str, TrtEngine | None] = {}
         for component in ("encoder", "decoder"):
             if component not in components:
                 engines[component] = None
                 continue
-            engines[component] = load_checked(trt, runtime, manifest, component, precision, env, torch_device)
+            engines[component] = load_checked(trt, runtime, manifest, component, precision, env, cuda)
         return cls(engine_dir, manifest, engines["encoder"], engines["decoder"], precision, env, runtime)
 
     @property
@@ -184,18 +187,18 @@ class TensorRTBackend:
             raise InputError(f"the {component} engine was not loaded; pass components including {component!r}")
         return engine
 
-    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+    def encoder(self, video: Any) -> Any:
         engine = self._engine("encoder")
         out = engine({engine.inputs[0]: video})
-        return torch.cat([out["mean"], out["logvar"]], dim=1)
+        return arrays.namespace(out["mean"]).concat([out["mean"], out["logvar"]], axis=1)
 
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+    def decoder(self, latent: Any) -> Any:
         engine = self._engine("decoder")
         return engine({engine.inputs[0]: latent})[engine.outputs[0]]
 
 
 def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component: str, precision: str,
-                 env: EngineEnvironment, device: torch.device) -> TrtEngine:
+                 env: EngineEnvironment, device: CudaDevice) -> TrtEngine:
     """Load one engine after checking its sidecar against the running TensorRT/GPU and the export's graph."""
     path = manifest.engine_path(component, precision)
     hint = rebuild_command(manifest.export.get("dir"), manifest.directory, precision)

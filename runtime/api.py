@@ -36,6 +36,7 @@ from .backends import BACKENDS, Backend, default_backend
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int | None], None]  # (frames done, total frames or None)
+MomentsChunk = tuple[Array, Array, VideoPlan]  # (mean, logvar, plan) of one temporal chunk
 
 
 @dataclass
@@ -159,44 +160,24 @@ class VideoVAE:
                              metadata)
 
     def encode_stream(self, frame_chunks: Iterable[Any], *, total_frames: int | None = None,
-                      on_progress: ProgressFn | None = None) -> Iterator[tuple[Array, Array, VideoPlan]]:
+                      on_progress: ProgressFn | None = None) -> Iterator[MomentsChunk]:
         """Yield (mean, logvar, plan) for each temporal chunk as soon as its frames have arrived.
 
         ``frame_chunks`` yields frames in any grouping (uint8 or float, as :meth:`encode` takes). The last item
         carries the final plan (the true frame count); when the last chunk ended on the last frame its arrays are
         empty. The arrays are of the family of the frames given.
         """
-        streamer: tiling.StreamingEncoder | None = None
-        plan: VideoPlan | None = None
-        frames_done = 0
+        session = self.encode_session(total_frames=total_frames, on_progress=on_progress)
         for piece in frame_chunks:
-            x = to_pixels(piece)
-            if x.shape[1] != self.config.in_channels:
-                raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.config.in_channels}")
-            if plan is None:
-                plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
-                streamer = tiling.StreamingEncoder(self.backend.encoder, plan, batch_tiles=self.batch_tiles)
-            elif x.shape[3:] != (plan.height, plan.width):
-                raise InputError(f"frame size changed mid-stream from {plan.height}x{plan.width} to "
-                                 f"{x.shape[3]}x{x.shape[4]}")
-            frames_done += x.shape[2]
-            x = tiling.pad_space(x, plan)
-            for moments in streamer.push(x):
-                yield (*_split_moments(moments), plan)
-            if on_progress:
-                on_progress(frames_done, total_frames)
-        if streamer is None:
-            raise InputError("no frames to encode: the input is empty")
-        final = self.plan(frames_done, plan.height, plan.width)
-        tail = list(streamer.finish())
-        if not tail:  # the last chunk ended on the last frame: still hand over the final plan
-            xp = arrays.namespace(x)
-            empty = xp.empty((0,), dtype=xp.float32, device=arrays.array_device(x))
-            yield empty, empty, final
-        for moments in tail:
-            yield (*_split_moments(moments), final)
+            yield from session.push(piece)
+        yield from session.finish()
 
-    def _collect(self, stream: Iterator[tuple[Array, Array, VideoPlan]],
+    def encode_session(self, *, total_frames: int | None = None,
+                       on_progress: ProgressFn | None = None) -> "EncodeSession":
+        """A push-style encoder for frames that arrive one by one (a renderer's loop), see :class:`EncodeSession`."""
+        return EncodeSession(self, total_frames=total_frames, on_progress=on_progress)
+
+    def _collect(self, stream: Iterator[MomentsChunk],
                  metadata: dict[str, Any] | None) -> Latents:
         means, logvars, plan = [], [], None
         for mean, logvar, plan in stream:
@@ -249,6 +230,56 @@ class VideoVAE:
     def decode(self, latents: Latents | Array, **kwargs: Any) -> Array:
         """Decode to float pixels (B,3,T,H,W) in [-1,1] of the original size."""
         return tiling.concat_time(list(self.decode_stream(latents, **kwargs)))
+
+
+class EncodeSession:
+    """Push frames as they are produced; each temporal chunk's latents come back as soon as its frames are in.
+
+    Holds at most one chunk of frames (spec 6.2), whatever the video's length. :meth:`push` takes frames in any
+    grouping (one frame, as a renderer makes them, or many; uint8 or float, as :meth:`VideoVAE.encode` takes) and
+    returns the (mean, logvar, plan) of every chunk completed; :meth:`finish` encodes the rest and returns the last
+    chunks, whose plan is the final one (the true frame count). When the last chunk ended on the last frame, finish
+    returns one item with empty arrays that still carries the final plan.
+    """
+
+    def __init__(self, vae: VideoVAE, *, total_frames: int | None = None,
+                 on_progress: ProgressFn | None = None) -> None:
+        self.vae, self.total_frames, self.on_progress = vae, total_frames, on_progress
+        self.streamer: tiling.StreamingEncoder | None = None
+        self.plan: VideoPlan | None = None
+        self.frames_done = 0
+        self._family: tuple[Any, Any] | None = None  # namespace and device of the frames, for an empty result
+
+    def push(self, frames: Any) -> list[MomentsChunk]:
+        """Add frames; return the latents of every chunk they completed (often none)."""
+        x = to_pixels(frames)
+        if x.shape[1] != self.vae.config.in_channels:
+            raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.vae.config.in_channels}")
+        if self.plan is None:
+            self.plan = self.vae.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
+            self.streamer = tiling.StreamingEncoder(self.vae.backend.encoder, self.plan,
+                                                    batch_tiles=self.vae.batch_tiles)
+        elif x.shape[3:] != (self.plan.height, self.plan.width):
+            raise InputError(f"frame size changed mid-stream from {self.plan.height}x{self.plan.width} to "
+                             f"{x.shape[3]}x{x.shape[4]}")
+        self.frames_done += x.shape[2]
+        self._family = arrays.namespace(x), arrays.array_device(x)
+        done = [(*_split_moments(moments), self.plan) for moments in self.streamer.push(tiling.pad_space(x, self.plan))]
+        if self.on_progress:
+            self.on_progress(self.frames_done, self.total_frames)
+        return done
+
+    def finish(self) -> list[MomentsChunk]:
+        """Encode what is left; the items carry the final plan."""
+        if self.streamer is None:
+            raise InputError("no frames to encode: the input is empty")
+        final = self.vae.plan(self.frames_done, self.plan.height, self.plan.width)
+        tail = list(self.streamer.finish())
+        if not tail:  # the last chunk ended on the last frame: still hand over the final plan
+            xp, device = self._family
+            empty = xp.empty((0,), dtype=xp.float32, device=device)
+            return [(empty, empty, final)]
+        return [(*_split_moments(moments), final) for moments in tail]
 
 
 def _split_moments(moments: Array) -> tuple[Array, Array]:
