@@ -117,7 +117,6 @@ def run_tiles(fn: ComponentFn, x: Array, rows: AxisTiles, cols: AxisTiles, *, in
     Tile geometry is in latent cells; ``in_scale``/``out_scale`` convert it to the input/output units
     (encode: 8 and 1; decode: 1 and 8).
     """
-    xp = array_namespace(x)
     outputs = _tile_outputs(fn, x, rows, cols, in_scale, batch_tiles)
     o_h, o_w = rows.overlap * out_scale, cols.overlap * out_scale
     prev_row: list[Array] = []
@@ -132,9 +131,14 @@ def run_tiles(fn: ComponentFn, x: Array, rows: AxisTiles, cols: AxisTiles, *, in
                 y = _blend(row[c - 1][..., -o_w:], y, o_w, dim=-1)
             row.append(y)
         keep_h = rows.keeps[r] * out_scale
-        out_rows.append(xp.concat([t[..., :keep_h, : k * out_scale] for t, k in zip(row, cols.keeps)], axis=-1))
+        out_rows.append(_join([t[..., :keep_h, : k * out_scale] for t, k in zip(row, cols.keeps)], axis=-1))
         prev_row = row
-    return xp.concat(out_rows, axis=-2)
+    return _join(out_rows, axis=-2)
+
+
+def _join(pieces: list[Array], axis: int) -> Array:
+    """Concatenate along ``axis``; a single piece is returned as it is (a view: one tile costs no copy)."""
+    return pieces[0] if len(pieces) == 1 else array_namespace(pieces[0]).concat(pieces, axis=axis)
 
 
 def encode_chunk(fn: ComponentFn, frames: Array, plan: VideoPlan, chunk: Chunk, *,
@@ -166,8 +170,11 @@ def iter_decode(fn: ComponentFn, z: Array, plan: VideoPlan, *,
     done = 0
     for chunk in plan.decode_chunks:
         pixels = decode_chunk(fn, z[:, :, chunk.start:chunk.stop], plan, chunk, batch_tiles=batch_tiles)
-        yield crop_video(pixels, plan, frame_offset=done)
+        frames = crop_video(pixels, plan, frame_offset=done)
         done += pixels.shape[2]
+        del pixels  # hold nothing while the consumer works or the next chunk decodes: one chunk alive at a time
+        yield frames
+        del frames
 
 
 def encode_video(fn: ComponentFn, x: Array, plan: VideoPlan, *, batch_tiles: bool = False) -> Array:
@@ -182,7 +189,7 @@ def decode_video(fn: ComponentFn, z: Array, plan: VideoPlan, *, batch_tiles: boo
 
 def concat_time(pieces: list[Array]) -> Array:
     """Join B,C,t,H,W pieces along time."""
-    return pieces[0] if len(pieces) == 1 else array_namespace(pieces[0]).concat(pieces, axis=2)
+    return _join(pieces, axis=2)
 
 
 class StreamingEncoder:

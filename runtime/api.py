@@ -226,6 +226,7 @@ class VideoVAE:
             if on_progress:
                 on_progress(done, plan.num_frames)
             yield pixels
+            del pixels  # the consumer may drop the chunk before the next one is decoded
 
     def decode(self, latents: Latents | Array, **kwargs: Any) -> Array:
         """Decode to float pixels (B,3,T,H,W) in [-1,1] of the original size."""

@@ -89,12 +89,12 @@ def test_reconstruct_real_clip_with_the_default_model(tmp_path):
     r = CliRunner().invoke(main, ["reconstruct", str(clips[0]), "-o", str(out), "--max-frames", "17",
                                   "--resize-short-side", "64", "--save-latents", str(tmp_path / "z.safetensors")])
     assert r.exit_code == 0, r.output
-    info = probe_video(out)
-    assert info.num_frames == 17 and (info.height, info.width) == (64, 112)
-    latents = Latents.load(tmp_path / "z.safetensors")
-    assert latents.mean.shape == (1, 4, 5, 8, 14)
     original, _ = read_video(clips[0], max_frames=17, resize_short_side=64)
     rebuilt, _ = read_video(out)
+    h, w = original.shape[1:3]
+    assert min(h, w) == 64 and probe_video(out).num_frames == 17 and rebuilt.shape == original.shape
+    latents = Latents.load(tmp_path / "z.safetensors")
+    assert latents.mean.shape == (1, 4, 5, -(-h // 8), -(-w // 8)) and latents.num_frames == 17
     mse = np.mean((original.astype(np.float64) - rebuilt.astype(np.float64)) ** 2)
     assert 10 * np.log10(255.0 ** 2 / mse) > 20.0  # the default model's PSNR on real footage (docs/default-model.md)
 
@@ -104,14 +104,18 @@ def test_streaming_decode_of_65_frames_in_bounded_memory(default_vae):
     assert latents.mean.shape == (1, 4, 17, 8, 8) and latents.num_frames == 65
     whole = default_vae.decode(latents)
     tracemalloc.start()
-    chunks, done = [], []
+    chunks, sums, done = [], [], []
     for pixels in default_vae.decode_stream(latents, on_progress=lambda n, total: done.append((n, total))):
-        chunks.append(pixels.shape[2])
-        assert max_abs(pixels, whole[:, :, sum(chunks) - pixels.shape[2]:sum(chunks)]) == 0.0
+        chunks.append(pixels.shape[2])  # keep nothing of the chunk but its size and sum (no copies while traced)
+        sums.append(float(pixels.sum(dtype=np.float64)))
+        del pixels
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    starts = np.cumsum([0] + chunks[:-1])
+    assert sums == [float(whole[:, :, s:s + n].sum(dtype=np.float64)) for s, n in zip(starts, chunks)]
     assert chunks == [17, 16, 16, 16] and done[-1] == (65, 65)
-    assert peak < 0.5 * whole.nbytes, f"streaming decode held {peak / whole.nbytes:.2f} of the whole video at once"
+    chunk_bytes = whole.nbytes * 17 / 65  # the first (largest) decode chunk: 17 frames
+    assert peak < 1.5 * chunk_bytes, f"streaming decode held {peak / chunk_bytes:.2f} chunks at once"
 
 
 def test_two_threads_decode_at_once(default_vae):
