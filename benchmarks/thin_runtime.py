@@ -11,7 +11,7 @@ Three measurements, printed as a table and written as JSON:
    at ``--baseline-rev``, fed torch tensors as the old OrtComponent did), interleaved run by run so that load on the
    machine hits both alike. Run this part with a Python that has torch (the main environment).
 
-    python benchmarks/thin_runtime.py --base-venv /work/venvs/thin-base --out docs/benchmarks/thin-runtime.json
+    python benchmarks/thin_runtime.py --base-venv /work/venvs/thin-base --out docs/benchmarks/thin-runtime/thin-runtime.json
 """
 
 from __future__ import annotations
@@ -132,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-rev", default="c1df271", help="commit whose cvvae/tiling.py is the torch executor")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--size", default="128x128", help="HxW of the speed runs")
+    parser.add_argument("--tile", type=int, default=64, help="tile size (px) of the tiled speed run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    h, w = (int(v) for v in args.size.lower().split("x"))
 
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg_before": os.getloadavg(),
               "size": venv_size(args.base_venv),
               "import": {"base_venv": import_time(args.base_venv / "bin" / "python", args.import_runs),
                          "this_python": import_time(Path(sys.executable), args.import_runs)},
-              "speed": [executor_speed(17, 256, 256, None, args.repeats, args.baseline_rev, args.threads),
-                        executor_speed(17, 256, 256, 128, args.repeats, args.baseline_rev, args.threads)],
+              "speed": [executor_speed(args.frames, h, w, tile, args.repeats, args.baseline_rev, args.threads)
+                        for tile in (None, args.tile)],
               "load_avg_after": os.getloadavg()}
     size, imp = report["size"], report["import"]
     print(f"base venv: {size['total_mb']:.0f} MB, torch installed: {size['torch_installed']}; largest: "

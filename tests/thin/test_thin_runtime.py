@@ -187,3 +187,15 @@ def test_command_needing_torch_says_the_install_line(monkeypatch):
     assert r.output.strip() == ("Error: `cvvae export` needs the 'torch' package, which is not installed: "
                                 'pip install "cvvae-deploy[torch]" (in a checkout: pip install "torch==2.13.0" '
                                 '-e ".[torch]")')
+
+
+def test_frames_pushed_one_by_one_give_the_whole_video_latents(default_vae):
+    frames = _frames(22, 16, 24, seed=2)
+    whole = default_vae.encode(frames)
+    session = default_vae.encode_session(total_frames=22)
+    pushed = [session.push(frames[i:i + 1]) for i in range(22)]
+    assert [len(p) for p in pushed].count(1) == 1 and pushed[16]  # the first chunk is back at its 17th frame
+    items = [item for p in pushed for item in p] + session.finish()
+    mean = np.concatenate([m for m, _, _ in items if m.ndim == 5], axis=2)
+    assert items[-1][2].num_frames == 22 and mean.shape == whole.mean.shape == (1, 4, 6, 2, 3)
+    assert max_abs(mean, whole.mean) == 0.0
