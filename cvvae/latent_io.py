@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from safetensors import safe_open
 
 from .errors import InputError
@@ -62,7 +63,8 @@ def save_latents(path: str | Path, mean: torch.Tensor, logvar: torch.Tensor | No
     if logvar is not None:
         tensors["logvar"] = logvar.detach().to("cpu", torch.float32).contiguous()
     with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        # bytes into our own temporary: save_file would make a second, private (0600) temporary of its own
+        tmp.write_bytes(safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
     return path
 
 

@@ -1,8 +1,9 @@
 """The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.runtime.backends.Backend`
 interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 torch tensors).
 
-* Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`): another TensorRT version, GPU or compute
-  capability than the sidecar records, or a graph whose sha256 no longer matches the export.
+* Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`): a plan file whose sha256 is not the one its
+  sidecar records (checked first, cached while the file is unchanged: :mod:`cvvae.integrity`), another TensorRT
+  version, GPU or compute capability than the sidecar records, or a graph whose sha256 no longer matches the export.
 * One execution context per engine; the optimization profile is chosen per call (the smallest profile containing the
   chunk/tile shape, :func:`cvvae.engines.profile.choose_profile`) and switched only when it changes.
 * Device buffers are torch CUDA tensors (``set_tensor_address(name, tensor.data_ptr())``). The work is enqueued
@@ -31,7 +32,7 @@ from cvvae.plan import PlanSettings
 from cvvae.engines.profile import Profile, choose_profile
 from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, EngineSidecar, check_current,
                                    current_environment, load_engine_dir, rebuild_command)
-from cvvae.fsutil import sha256_file
+from cvvae.integrity import check_sha256, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,13 @@ def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component:
     hint = rebuild_command(manifest.export.get("dir"), manifest.directory, precision)
     if not path.exists():
         raise BackendUnavailableError(f"{path} is listed in {manifest.directory}/manifest.json but missing; {hint}")
-    sidecar = EngineSidecar.read(path.with_name(path.name + ".json"))
+    sidecar_file = path.with_name(path.name + ".json")
+    sidecar = EngineSidecar.read(sidecar_file)
+    # the plan file must be the one the sidecar describes before anything else is believed or deserialized
+    check_sha256(path, sidecar.engine.get("sha256"), recorded_in=sidecar_file, fix=hint)
     tolerated = check_current(sidecar.to_dict(), env.as_dict(), engine=str(path), rebuild_hint=hint,
                               onnx_sha256=manifest.expected_onnx_sha256(component, precision),
-                              engine_sha256=sha256_file(path))
+                              engine_sha256=file_sha256(path))
     for mismatch in tolerated:
         log.warning("%s: %s (loaded anyway)", path.name, mismatch)
     engine = TrtEngine.load(trt, runtime, path, sidecar, device)

@@ -23,6 +23,7 @@ import torch
 from .. import tiling
 from ..config import ModelConfig
 from ..errors import InputError
+from ..fsutil import cache_root
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
 from ..model import LOGVAR_MAX, LOGVAR_MIN
 from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
@@ -261,19 +262,13 @@ def export_cache_key(model: Any, config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_root() -> Path:
-    """``$CVVAE_CACHE``, else ``~/.cache/cvvae``."""
-    import os
-
-    return Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
-
-
 def cached_export(path: str | Path | None, *, precision: str) -> Path:
     """Export a checkpoint once into the user cache for the onnxruntime backend, and reuse it while it is valid.
 
     The entry's name carries :func:`export_cache_key`. An fp32 request also accepts an existing fp16 entry (it holds
     the fp32 graphs too).
     """
+    from ..export.manifest import load_manifest
     from ..export.to_onnx import ExportConfig, export_model
     from ..loading import load_model
 
@@ -288,6 +283,8 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
                for c in wanted]
     for entry in entries:
         if (entry / "manifest.json").exists():
+            # verified like any export (the backend checks again, from the hash cache): a tampered entry is refused
+            load_manifest(entry).check_files(fix=f"delete {entry}; it is exported again on the next run")
             return entry
     target = entries[0]
     log.warning("exporting %s to %s for the onnxruntime backend (once)", info.source, target)
