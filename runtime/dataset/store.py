@@ -72,9 +72,10 @@ class DatasetDir:
 
     def remove_temporaries(self) -> list[Path]:
         """Delete the temporary files a killed run left (call with the lock held: no writer is running)."""
-        # fsutil's .NAME.cvvae-tmp-PID-HEX names, and the .NAME.tmp-HEX of earlier versions
+        # fsutil's .NAME.cvvae-tmp-PID-HEX names; of earlier versions, .NAME.tmp-HEX and the .tmpXXXXXX that
+        # safetensors' save_file made for a shard (both folders are this dataset's alone, and locked)
         stale = [p for d in (self.root, self.root / "shards") if d.is_dir()
-                 for pattern in (f".*{TEMP_TAG}*", ".*.tmp-*") for p in d.glob(pattern)]
+                 for pattern in (f".*{TEMP_TAG}*", ".*.tmp-*", ".tmp??????") for p in d.glob(pattern)]
         for path in stale:
             remove_tree(path)
         if stale:
