@@ -13,8 +13,10 @@ temporaries are recognised and removed by the next run.
   ``os.link`` + unlink of the temporary, folders through ``renameat2(RENAME_NOREPLACE)``.
 * ``--force`` replaces only an output of the same kind (:data:`KINDS`): a regular file for a file; for a folder, one
   whose every entry is ours: PNG frames named ``frame_NNNNNN.png``, or the entries listed in the folder's
-  ``.cvvae-output.json`` marker (written on publish), or, for exports made before markers existed, the files named
-  by their ``manifest.json``. Anything else is refused with the reason and left untouched.
+  ``.cvvae-output.json`` marker (written on publish), or, for outputs made before markers existed, the files named
+  by an export's ``manifest.json`` or a model folder's ``config.json`` + weights (``overwrite=True`` of
+  ``save_model``; no CLI ``--force`` writes model folders). Anything else is refused with the reason and left
+  untouched.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MARKER_FORMAT = "cvvae-output/1"
 STALE_AFTER_S = 24 * 3600
 PNG_FRAME = re.compile(r"frame_\d{6}\.png")
 EXPORT_FORMAT_PREFIX = "cvvae-export"
+LEGACY_MODEL_FILES = frozenset({"config.json", "diffusion_pytorch_model.safetensors"})  # no marker: save_model's
 # What --force may replace. "file": a regular file; "png": a folder of frame_NNNNNN.png; the rest: marked folders.
 KINDS = ("file", "png", "export", "model", "report", "bench")
 
@@ -199,6 +202,8 @@ def _owned_entries(folder: Path, kind: str) -> tuple[set[str] | None, str]:
         return entries, ""
     if kind == "export":
         return _legacy_export_entries(folder)
+    if kind == "model" and set(os.listdir(folder)) <= LEGACY_MODEL_FILES:  # save_model's layout before markers
+        return set(LEGACY_MODEL_FILES), ""
     return None, f"it has no {MARKER_NAME}, so it was not written by cvvae (or by a version before markers)"
 
 

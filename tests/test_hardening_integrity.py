@@ -294,6 +294,25 @@ def test_legacy_export_without_marker_is_ours_by_its_manifest(export_copy):
     assert fsutil.replace_problem(export_copy, "report").startswith("it has no .cvvae-output.json")
 
 
+def test_model_folder_of_an_older_version_is_replaced_only_when_nothing_else_is_inside(tmp_path):
+    """save_model(overwrite=True) over cvvae/weights/default as older versions wrote it (no marker)."""
+    from cvvae.loading import create_model, save_model
+
+    folder = tmp_path / "default"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"old weights")
+    (folder / "README.md").write_text("mine")
+    model = create_model("tiny-v1", seed=0)
+    with pytest.raises(FileExistsError, match="it has no .cvvae-output.json"):
+        save_model(model, folder, overwrite=True)
+    assert (folder / "README.md").read_text() == "mine"
+    (folder / "README.md").unlink()
+    save_model(model, folder, overwrite=True)
+    assert sorted(os.listdir(folder)) == [fsutil.MARKER_NAME, "config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["default"]
+
+
 def test_force_replaces_our_png_folder_and_files(latents, tmp_path):
     frames = tmp_path / "frames"
     assert runner("decode", latents, "-o", frames, *MODEL).exit_code == 0
