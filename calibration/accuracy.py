@@ -261,7 +261,7 @@ def write_report(report: AccuracyReport, frame_sample: dict[str, Any], out_dir: 
     from cvvae.fsutil import atomic_path
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="report") as tmp:
         report.figures = {"per_frame_psnr": "per_frame_psnr.png", "side_by_side": "side_by_side.png"}
         plot_per_frame(report, tmp / "per_frame_psnr.png")
         plot_side_by_side(frame_sample, tmp / "side_by_side.png")
@@ -276,7 +276,7 @@ def accuracy_report(export_dir: str | Path, clips: Sequence[str | Path], out_dir
     """Measure and write the report directory; returns the report."""
     from cvvae.fsutil import check_writable_target
 
-    check_writable_target(Path(out_dir), overwrite=overwrite, what="report directory")
+    check_writable_target(Path(out_dir), overwrite=overwrite, what="report directory", kind="report")
     report, sample = measure(export_dir, clips, config, on_progress=on_progress)
     write_report(report, sample, out_dir, overwrite=overwrite)
     return report

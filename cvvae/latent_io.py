@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
 from .arrays import to_numpy
 from .errors import InputError
@@ -61,7 +62,8 @@ def save_latents(path: str | Path, mean: Any, logvar: Any | None, *, num_frames:
     if logvar is not None:
         tensors["logvar"] = np.ascontiguousarray(to_numpy(logvar, np.float32))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        # bytes into our own temporary: save_file would make a second, private (0600) temporary of its own
+        tmp.write_bytes(safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
     return path
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig, preset as get_preset
 from .errors import CheckpointError
@@ -216,8 +217,8 @@ def load_model(path: str | Path | None = None, *, preset: str | None = None, con
 def save_model(model: CVVAE, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write the official diffusers layout (config.json + diffusion_pytorch_model.safetensors), atomically."""
     folder = Path(folder)
-    with atomic_path(folder, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(folder, overwrite=overwrite, directory=True, kind="model") as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(), indent=2) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
+        (tmp / WEIGHT_NAMES[0]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     return folder

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from cvvae.errors import CVVAEError
 from cvvae.fsutil import atomic_path
+from cvvae.integrity import member_path
 
 SIDECAR_FORMAT = "cvvae-engine/1"
 ENGINE_DIR_FORMAT = "cvvae-engines/1"
@@ -267,7 +268,9 @@ class EngineDirManifest:
             raise EngineDirError(f"{self.directory} has no {precision} {component} engine (it has: "
                                  f"{', '.join(have) or 'none'}); build it with "
                                  f"{rebuild_command(self.export.get('dir'), self.directory, precision)}")
-        return (self.directory or Path(".")) / entry["file"]
+        directory = self.directory or Path(".")
+        return member_path(directory, entry.get("file"), listed_in=directory / MANIFEST_NAME,
+                           fix=f"rebuild it: {rebuild_command(self.export.get('dir'), directory, precision)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -29,6 +29,7 @@ from ..arrays import Array
 from ..config import ModelConfig
 from ..errors import InputError
 from ..export.contract import LOGVAR_CLAMP
+from ..fsutil import cache_root
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
 from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
 from .backends import BACKENDS, Backend, default_backend
@@ -325,13 +326,6 @@ def export_cache_key(model: Any, config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_root() -> Path:
-    """``$CVVAE_CACHE``, else ``~/.cache/cvvae``."""
-    import os
-
-    return Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
-
-
 def cached_export(path: str | Path | None, *, precision: str) -> Path:
     """Export a checkpoint once into the user cache for the onnxruntime backend, and reuse it while it is valid.
 
@@ -341,6 +335,7 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
     from ..extras import require
 
     require("torch", "exporting a checkpoint for the onnxruntime backend (or pass an export directory)")
+    from ..export.manifest import load_manifest
     from ..export.to_onnx import ExportConfig, export_model
     from ..loading import load_model
 
@@ -355,6 +350,8 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
                for c in wanted]
     for entry in entries:
         if (entry / "manifest.json").exists():
+            # verified like any export (the backend checks again, from the hash cache): a tampered entry is refused
+            load_manifest(entry).check_files(fix=f"delete {entry}; it is exported again on the next run")
             return entry
     target = entries[0]
     log.warning("exporting %s to %s for the onnxruntime backend (once)", info.source, target)

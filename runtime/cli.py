@@ -23,7 +23,7 @@ from ..fsutil import check_writable_target
 from ..latent_io import load_latents
 from ..arrays import to_numpy
 from .api import Latents, VideoVAE
-from .video_io import VideoWriter, probe_video, tensor_to_frames
+from .video_io import VideoWriter, output_kind, probe_video, tensor_to_frames
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 
@@ -179,7 +179,7 @@ def decode(input_path: Path, output: Path, model_path, backend, device, precisio
     """Decode latents to a video, PNG frames or .npy pixels."""
     if output.suffix == ".safetensors":
         raise InputError(f"decode writes a video, a PNG folder or .npy pixels, not {output}")
-    check_writable_target(output, overwrite=force)
+    check_writable_target(output, overwrite=force, kind="file" if output.suffix == ".npy" else output_kind(output))
     raw = load_latents(input_path)
     unbatched = raw.mean.ndim == 4  # (z, L, h, w), as encode writes for unbatched .npy pixels
     latents = Latents.from_file(raw)
@@ -213,7 +213,7 @@ def reconstruct(video: Path, output: Path, model_path, backend, device, precisio
     """Encode and decode a video: same frame count, size and fps as the input."""
     from .video_io import iter_video_frames
 
-    check_writable_target(output, overwrite=force)
+    check_writable_target(output, overwrite=force, kind=output_kind(output))
     if save_latents:
         check_writable_target(save_latents, overwrite=force)
     rkw = read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_crop)

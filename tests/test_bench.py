@@ -127,7 +127,7 @@ def test_tiny_bench_reports_ratios_gflops_and_memory(tmp_path, tiny_export):
 
     pytest.importorskip("matplotlib")
     out = write_results(result, tmp_path / "bench")
-    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md"} | {
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", ".cvvae-output.json"} | {
         f"{str(tiny_export).replace('/', '-').strip('-')}-{op}.png" for op in ("encode", "decode", "roundtrip")}
     assert json.loads((out / "bench.json").read_text())["format"] == "cvvae-bench/1"
     assert load_result(out / "bench.json").markdown() == table

@@ -146,7 +146,7 @@ def test_accuracy_report(calibrated, tmp_path):
                                   "--max-frames", "5", "--size", "32x48", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert {p.name for p in report.iterdir()} == {"report.md", "report.json", "per_frame_psnr.png",
-                                                 "side_by_side.png"}
+                                                 "side_by_side.png", ".cvvae-output.json"}
     data = json.loads((report / "report.json").read_text())
     rows = {(s["precision"], s["component"]): s for s in data["summary"]}
     assert set(rows) == {(p, c) for p in ("fp32", "fp16", "int8") for c in ("encoder", "decoder", "round_trip")}

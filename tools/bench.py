@@ -838,7 +838,7 @@ def write_results(result: BenchResult, out_dir: str | Path, *, overwrite: bool =
     import json
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="bench") as tmp:
         (tmp / "bench.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
         (tmp / "bench.md").write_text(result.markdown())
         if plots:

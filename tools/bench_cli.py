@@ -66,7 +66,7 @@ def bench(models, quick, targets, ops, frames, frame_size, sizes, size_frames, r
     """Time the PyTorch reference and every backend/precision on the same inputs: ms/frame, fps, GFLOP/s against
     the machine's GEMM peak, peak memory, and the ratio to the reference."""
     if out_dir is not None:
-        check_writable_target(out_dir, overwrite=force, what="bench output directory")
+        check_writable_target(out_dir, overwrite=force, what="bench output directory", kind="bench")
         if not no_plots and not is_installed("matplotlib"):
             raise BackendUnavailableError("the bench plots need matplotlib: pip install matplotlib (or pass --no-plots)")
     overrides = {

@@ -181,7 +181,7 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
     config = config or ReportConfig()
     say = on_progress or (lambda msg: log.info("%s", msg))
     out_dir = Path(out_dir)
-    check_writable_target(out_dir, overwrite=overwrite, what="report directory")
+    check_writable_target(out_dir, overwrite=overwrite, what="report directory", kind="report")
     require_report_packages()
     if threads := config.threads:
         torch.set_num_threads(threads)
@@ -221,7 +221,7 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
                                                                             for s in skipped))
     shown = shown_frame_indices(x.shape[2], config.shown_frames)
     heat_max = config.heat_max or auto_heat_max(x, recons[0][1], shown)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="report") as tmp:
         (tmp / "images").mkdir()
         originals = _save_originals(x, shown, tmp)
         results = [_evaluate(target, recon, x, recons[0][1], enc_s, dec_s, shown, tmp, heat_max, first=i == 0)
