@@ -40,10 +40,11 @@ class Bf16Guard:
     def precision(self) -> str:
         return self.active.precision
 
-    def _check(self, component: str, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, component: str, x: Any) -> Any:
         test = getattr(self.bf16, component)(x)
         reference = getattr(self.fp32, component)(x)
-        ref, out = (reference, test) if component == "decoder" else (reference.chunk(2, 1)[0], test.chunk(2, 1)[0])
+        z = reference.shape[1] // 2  # the encoder's moments: compare the means
+        ref, out = (reference, test) if component == "decoder" else (reference[:, :z], test[:, :z])
         self.checked_psnr_db = peak_psnr(ref, out)
         if self.checked_psnr_db < self.min_psnr_db:
             log.warning("precision auto: bf16 %s of the first tile is %.1f dB from fp32 (< %.0f dB): this "
@@ -61,8 +62,8 @@ class Bf16Guard:
         self.fp32 = None
         return test
 
-    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+    def encoder(self, video: Any) -> Any:
         return self._check("encoder", video) if self.checked_psnr_db is None else self.active.encoder(video)
 
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+    def decoder(self, latent: Any) -> Any:
         return self._check("decoder", latent) if self.checked_psnr_db is None else self.active.decoder(latent)

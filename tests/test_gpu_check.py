@@ -41,7 +41,7 @@ def test_the_bench_command_parses():
     """The exact bench options of the script are accepted by `cvvae bench` (without running it)."""
     from click.testing import CliRunner
 
-    from cvvae.runtime.bench_cli import bench
+    from cvvae.tools.bench_cli import bench
 
     r = CliRunner().invoke(bench, ["--help"])
     for flag in ("--model", "--device", "--targets", "--ops", "--frames", "--frame-size", "--sizes", "--size-frames",
