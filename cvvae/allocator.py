@@ -102,7 +102,8 @@ def release_memory() -> bool:
 
 @contextmanager
 def returning_memory(threshold: int = 1 << 20, *, enabled: bool = True) -> Iterator[bool]:
-    """For memory measurements only: inside, glibc mmaps buffers above ``threshold`` and unmaps them when freed.
+    """For memory measurements only: the kept heap is trimmed (its free pages go back to the kernel) and, inside,
+    glibc mmaps new buffers above ``threshold`` and unmaps them when freed.
 
     The peak RSS of what runs inside is then that of its own live buffers, repeatably, at the page-fault cost
     :func:`keep_memory` avoids; never time what runs inside. Restores the thresholds :func:`keep_memory` set (or
