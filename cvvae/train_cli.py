@@ -171,7 +171,7 @@ def _compat_whole(video_vae, image_vae, clip: str, height: int, plot_path: str |
     if plot_path:
         plot_per_frame(Path(clip).stem, {"model": result}, Path(plot_path))
     if as_json:
-        click.echo(json.dumps({"input": clip, **summary, **result}, indent=2, default=float))
+        click.echo(json.dumps({"input": clip, "summary": summary, **result}, indent=2, default=float))
         return
     click.echo(f"{clip}: {result['frames']} frames at {result['height']}x{result['width']}, "
                f"{len(result['windows'])} windows of {result['window']} ({result['frames_left_out']} frames after the "
