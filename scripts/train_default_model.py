@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-vae", type=Path, default=ROOT / "cvvae" / "weights" / "default-image-vae",
                    help="Stage-1 image VAE when RUN_ROOT/image/final does not exist (motion stages, eval).")
     p.add_argument("--no-ship", action="store_true", help="eval: measure and write the card, never replace weights.")
+    p.add_argument("--candidate", type=Path, default=None,
+                   help="eval: the motion fine-tune to judge (run dir, checkpoint or model folder; default "
+                        "RUN_ROOT/motion-video at its last checkpoint).")
+    p.add_argument("--ablation", type=Path, default=None,
+                   help="eval: its ablation (default RUN_ROOT/motion-noreg at its last checkpoint).")
     p.add_argument("--weights-out", type=Path, default=ROOT / "cvvae" / "weights" / "default")
     p.add_argument("--model-card", type=Path, default=ROOT / "docs" / "default-model.md")
     p.add_argument("--step", choices=("inflate", "eval"), default=None, help=argparse.SUPPRESS)  # child process
@@ -136,7 +141,8 @@ def child(step: str, args: argparse.Namespace) -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--run-root", str(args.run_root),
            "--threads", str(args.threads), "--eval-height", str(args.eval_height),
            "--weights-out", str(args.weights_out), "--model-card", str(args.model_card),
-           "--image-vae", str(args.image_vae)] + (["--no-ship"] if args.no_ship else [])
+           "--image-vae", str(args.image_vae)] + (["--no-ship"] if args.no_ship else []) + \
+        [x for flag, v in (("--candidate", args.candidate), ("--ablation", args.ablation)) if v for x in (flag, str(v))]
     run(cmd, args.threads)
 
 
@@ -173,9 +179,10 @@ def do_eval(args: argparse.Namespace) -> None:
     image_dir = root / "image" / "final" if (root / "image" / "final" / "config.json").exists() else args.image_vae
     image_vae = load_image_vae(image_dir).float().eval()
     found = {"shipped": args.weights_out, "video": root / STAGE_DIR["video"] / "final",
-             "noreg": root / STAGE_DIR["noreg"] / "final", "motion": root / STAGE_DIR["motion"],
-             "motion-noreg": root / STAGE_DIR["motion-noreg"]}
-    found = {k: p for k, p in found.items() if (p / "config.json").exists() or (p / "checkpoint.pt").exists()}
+             "noreg": root / STAGE_DIR["noreg"] / "final", "motion": args.candidate or root / STAGE_DIR["motion"],
+             "motion-noreg": args.ablation or root / STAGE_DIR["motion-noreg"]}
+    found = {k: p for k, p in found.items()
+             if p.is_file() or (p / "config.json").exists() or (p / "checkpoint.pt").exists()}
     clips = {name: load_eval_clip(name, frames=None, height=args.eval_height) for name in EVAL_CLIPS}
     cache_dir = root / "eval-cache"
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
