@@ -252,7 +252,7 @@ def ship_decision(models: dict) -> dict:
     """Ship the motion fine-tune when it beats the shipped model on the whole-clip mean and worst window and its
     image-decoder PSNR is above its no-regularisation ablation's (issue 15's comparison)."""
     if "motion" not in models or "shipped" not in models:
-        return {"ship": False, "reason": "no motion fine-tune (or no shipped model) to compare"}
+        return {"ship": False, "reason": "no motion fine-tune was evaluated (or no shipped model), nothing to ship"}
     m, s = models["motion"]["summary"], models["shipped"]["summary"]
     if "motion-noreg" not in models:
         return {"ship": False, "reason": "the motion fine-tune's ablation was not found: compatibility unproven"}
