@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cvvae.runtime.bench import BenchConfig, run_bench, write_results
+from cvvae.tools.bench import BenchConfig, run_bench, write_results
 
 RUNS = {
     "full": BenchConfig(models=("random:cvvae-v1", "default"), ops=("encode", "decode"), frames=(17, 65),

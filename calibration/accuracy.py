@@ -87,7 +87,7 @@ class Row:
 
 def _pixel_metrics(candidate: torch.Tensor, reference: torch.Tensor, *, ssim: bool = True) -> dict[str, Any]:
     from cvvae.metrics import ssim_video
-    from cvvae.runtime.compare import compare
+    from cvvae.compare import compare
 
     stats = compare("video", reference, candidate)
     out = {"psnr": _finite(stats.psnr), "max_abs": _finite(stats.max_abs), "mean_abs": _finite(stats.mean_abs),
@@ -98,7 +98,7 @@ def _pixel_metrics(candidate: torch.Tensor, reference: torch.Tensor, *, ssim: bo
 
 
 def _latent_metrics(candidate: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-    from cvvae.runtime.compare import compare
+    from cvvae.compare import compare
 
     stats = compare("latent", reference, candidate)
     rms_ref = float(reference.double().pow(2).mean().sqrt())
@@ -193,6 +193,7 @@ def measure(export_dir: str | Path, clips: Sequence[str | Path], config: Accurac
     refs: list[dict[str, Any]] = []
     for clip, described in zip(clip_paths, describe_clips(clip_paths)):
         frames, _ = read_video(clip, **config.read_kwargs())
+        frames = torch.from_numpy(frames)  # torch in, torch out: the metrics below are torch functions
         x = to_pixels(frames)
         t, h, w = x.shape[2:]
         plan = vae.plan(t, h, w)
@@ -260,7 +261,7 @@ def write_report(report: AccuracyReport, frame_sample: dict[str, Any], out_dir: 
     from cvvae.fsutil import atomic_path
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="report") as tmp:
         report.figures = {"per_frame_psnr": "per_frame_psnr.png", "side_by_side": "side_by_side.png"}
         plot_per_frame(report, tmp / "per_frame_psnr.png")
         plot_side_by_side(frame_sample, tmp / "side_by_side.png")
@@ -275,7 +276,7 @@ def accuracy_report(export_dir: str | Path, clips: Sequence[str | Path], out_dir
     """Measure and write the report directory; returns the report."""
     from cvvae.fsutil import check_writable_target
 
-    check_writable_target(Path(out_dir), overwrite=overwrite, what="report directory")
+    check_writable_target(Path(out_dir), overwrite=overwrite, what="report directory", kind="report")
     report, sample = measure(export_dir, clips, config, on_progress=on_progress)
     write_report(report, sample, out_dir, overwrite=overwrite)
     return report

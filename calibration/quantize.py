@@ -184,7 +184,7 @@ class QuantizeConfig:
             raise InputError("modelopt calibrates with 'minmax' (its 'max') or 'entropy', not percentile")
 
     def resolved_quantizer(self) -> str:
-        from cvvae.runtime.backends import is_installed
+        from cvvae.extras import is_installed
 
         if self.quantizer == "auto":
             use = "modelopt" if is_installed("modelopt") and self.method is not CalibrationMethod.PERCENTILE \
@@ -609,7 +609,7 @@ def calibrate_export(export_dir: str | Path, clips: Sequence[str | Path], out_di
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if export_dir.resolve() == out_dir.resolve():
         raise InputError("the INT8 export must go to a new directory (-o), not into the source export")
-    check_writable_target(out_dir, overwrite=overwrite, what="INT8 export directory")
+    check_writable_target(out_dir, overwrite=overwrite, what="INT8 export directory", kind="export")
     manifest = load_manifest(export_dir)
     for component in ("encoder", "decoder"):  # the round trip needs both fp32 graphs
         manifest.graph_path(component, "fp32")
@@ -662,7 +662,7 @@ def calibrate_export(export_dir: str | Path, clips: Sequence[str | Path], out_di
                            {f.data_path for e in manifest.components.values() for f in e.files.values()
                             if f.data_path})
         manifest_sha = hashlib.sha256((export_dir / contract.MANIFEST_NAME).read_bytes()).hexdigest()
-        with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+        with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="export") as tmp:
             copy_graph_files(export_dir, tmp, src_files)
             for component, q in quantizers.items():
                 name = contract.graph_filename(component, "int8")

@@ -110,14 +110,37 @@ LAZY_COMMANDS = {
     "build-engines": "cvvae.engines.cli:build_engines",
     "calibrate": "cvvae.calibration.cli:calibrate",
     "accuracy": "cvvae.calibration.cli:accuracy",
-    "bench": "cvvae.runtime.bench_cli:bench",
-    "report": "cvvae.runtime.bench_cli:report",
+    "bench": "cvvae.tools.bench_cli:bench",
+    "report": "cvvae.tools.bench_cli:report",
     "train": "cvvae.train_cli:train_command",
     "compat": "cvvae.train_cli:compat_command",
     "encode-dataset": "cvvae.runtime.dataset_cli:encode_dataset",
     "decode-dataset": "cvvae.runtime.dataset_cli:decode_dataset",
     "dataset-stats": "cvvae.runtime.dataset_cli:dataset_stats",
 }
+
+
+# Commands that need an optional package (docs/thin-runtime.md): without it they stop before any work and print the
+# install line. The runtime commands (encode, decode, reconstruct, info, doctor) run on the base install.
+COMMAND_NEEDS = {
+    "export": "torch", "inspect": "onnx", "calibrate": "torch", "accuracy": "torch", "bench": "torch",
+    "report": "torch", "parity": "torch", "train": "torch", "compat": "torch", "encode-dataset": "torch",
+    "decode-dataset": "torch", "dataset-stats": "torch",
+}
+
+
+def missing_extra_command(name: str, module: str) -> click.Command:
+    """Stands in for a command whose package is missing: takes any arguments, does nothing, says what to install."""
+    from .extras import install_hint
+
+    message = f"`cvvae {name}` needs the '{module}' package, which is not installed: {install_hint(module)}"
+
+    def refuse(args: tuple[str, ...]) -> None:
+        raise click.ClickException(message)
+
+    return click.Command(name, callback=refuse, help=f"(not installed) {message}", add_help_option=False,
+                         params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 
 
 class LazyGroup(click.Group):
@@ -127,6 +150,11 @@ class LazyGroup(click.Group):
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from .extras import is_installed
+
+        needed = COMMAND_NEEDS.get(name)
+        if needed and not is_installed(needed):
+            return missing_extra_command(name, needed)
         if name in LAZY_COMMANDS and name not in self.commands:
             module, attr = LAZY_COMMANDS[name].split(":")
             self.add_command(getattr(importlib.import_module(module), attr), name)
@@ -149,31 +177,42 @@ def main(verbose: int) -> None:
 @handle_errors
 def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, as_json, **plan_kw) -> None:
     """Config, parameter count, compression factors and the chunk/tile plan for an input size."""
-    model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
-    cfg = model.config
+    from .extras import is_installed
+
+    if is_installed("torch") and not _is_export_dir(model_path):
+        model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
+        cfg = model.config
+        counts = (model.num_parameters(), sum(p.numel() for p in model.encoder.parameters()),
+                  sum(p.numel() for p in model.decoder.parameters()))
+        checkpoint = model.checkpoint_info.as_dict() if model.checkpoint_info else None
+    else:
+        cfg, counts, checkpoint = describe_without_torch(model_path)
     data: dict[str, Any] = {
         "variant": cfg.variant,
         "config": cfg.summary(),
-        "parameters": model.num_parameters(),
-        "encoder_parameters": sum(p.numel() for p in model.encoder.parameters()),
-        "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()),
+        "parameters": counts[0],
+        "encoder_parameters": counts[1],
+        "decoder_parameters": counts[2],
         "compression": {"time": cfg.time_compress, "space": cfg.spatial_compress,
                         "latent_channels": cfg.latent_channels},
-        "checkpoint": model.checkpoint_info.as_dict() if model.checkpoint_info else None,
+        "checkpoint": checkpoint,
     }
     if size:
         try:
             t, h, w = (int(v) for v in size.lower().split("x"))
         except ValueError:
             raise click.BadParameter(f"expected TxHxW such as 17x256x256, got {size!r}", param_hint="--size")
-        settings = model.plan_settings(**plan_overrides(**plan_kw))
-        data["plan"] = model.plan(t, h, w, settings).describe()
+        from .plan import PlanSettings, make_plan
+
+        settings = PlanSettings.from_config(cfg, **plan_overrides(**plan_kw))
+        data["plan"] = make_plan(settings, t, h, w).describe()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"variant      {cfg.variant}  ({data['checkpoint']['source'] if data['checkpoint'] else ''})")
-    click.echo(f"parameters   {data['parameters']:,} (encoder {data['encoder_parameters']:,}, "
-               f"decoder {data['decoder_parameters']:,})")
+    if data["parameters"] is not None:
+        click.echo(f"parameters   {data['parameters']:,} (encoder {data['encoder_parameters']:,}, "
+                   f"decoder {data['decoder_parameters']:,})")
     click.echo(f"widths       {list(cfg.widths)}, {cfg.layers_per_block} resnets/level, "
                f"{cfg.latent_channels} latent channels")
     click.echo(f"compression  time x{cfg.time_compress}, space x{cfg.spatial_compress}; "
@@ -188,3 +227,55 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
         click.echo(f"             decode chunks (latents) {p['decode_chunks_latents']}")
         click.echo(f"             tile rows px {p['tile_rows_px']}, cols px {p['tile_cols_px']}, "
                    f"overlap {p['tile_overlap_px']} px")
+
+
+def _is_export_dir(model_path: str | None) -> bool:
+    from pathlib import Path
+
+    return model_path is not None and (Path(model_path) / "manifest.json").exists()
+
+
+def describe_without_torch(model_path: str | None) -> tuple[Any, tuple[int | None, int | None, int | None], Any]:
+    """Config, parameter counts (all, encoder, decoder) and checkpoint of a model, read without PyTorch.
+
+    ``None`` is the built-in default model; an export directory is described by its manifest; a checkpoint folder by
+    its config.json and the tensor shapes in its safetensors header.
+    """
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .default_model import DEFAULT_MODEL_DIR
+
+    path = Path(model_path) if model_path is not None else DEFAULT_MODEL_DIR
+    if (path / "manifest.json").exists():
+        from .export.manifest import load_manifest
+
+        manifest = load_manifest(path)
+        cfg, checkpoint = manifest.model_config(), manifest.checkpoint
+        weights = Path(checkpoint.get("source") or "")
+        path = weights.parent if weights.suffix == ".safetensors" and weights.exists() else None
+    elif (path / "config.json").exists():
+        cfg, checkpoint = ModelConfig.from_json_file(path / "config.json"), None
+    else:  # a bare weights file or random:PRESET: only the PyTorch loader reads those
+        from .errors import BackendUnavailableError
+        from .extras import install_hint
+
+        raise BackendUnavailableError(f"{model_path} is not an export directory or a checkpoint folder; reading it "
+                                      f"needs the 'torch' package, which is not installed: {install_hint('torch')}")
+    weights = path / "diffusion_pytorch_model.safetensors" if path is not None else None
+    if weights is None or not weights.exists():
+        return cfg, (None, None, None), checkpoint
+    from safetensors import safe_open
+
+    from .fsutil import sha256_file
+
+    counts = {"encoder": 0, "decoder": 0, "": 0}
+    with safe_open(str(weights), framework="numpy") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            counts[key.split(".")[0] if key.split(".")[0] in counts else ""] += n
+    checkpoint = checkpoint or {"source": str(weights), "sha256": sha256_file(weights),
+                                "config_source": str(path / "config.json")}
+    return cfg, (sum(counts.values()), counts["encoder"], counts["decoder"]), checkpoint

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import InputError
 from .fsutil import atomic_path
 
 
-def read_pixels(path: Path) -> torch.Tensor:
+def read_pixels(path: Path) -> np.ndarray:
     """Float pixels in [-1, 1] from a .npy file, checked for shape and range."""
     if not path.exists():
         raise InputError(f"input {path} does not exist")
@@ -28,7 +27,7 @@ def read_pixels(path: Path) -> torch.Tensor:
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1.001 or hi > 1.001 or not np.isfinite([lo, hi]).all():
         raise InputError(f"{path} has values in [{lo:.3g}, {hi:.3g}]; expected pixels in [-1, 1]")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def save_npy(path: Path, array: np.ndarray, *, overwrite: bool) -> None:

@@ -21,3 +21,8 @@ class BackendUnavailableError(CVVAEError, RuntimeError):
 
 class ExportError(CVVAEError, RuntimeError):
     """An export that cannot be done or did not verify, or an export directory that cannot be read."""
+
+
+class IntegrityError(CVVAEError, RuntimeError):
+    """A file whose sha256 differs from the one recorded when it was written, or a manifest naming a file outside
+    its folder: it is not loaded."""

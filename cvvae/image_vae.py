@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .blocks import ldm_decoder_forward, ldm_encoder_forward
@@ -476,8 +476,8 @@ def save_image_vae(model: ImageVAE, folder: str | Path, *, overwrite: bool = Fal
     """Write a diffusers ``AutoencoderKL`` folder (config.json + diffusion_pytorch_model.safetensors), atomically."""
     folder = Path(folder)
     sd = ldm_to_diffusers(model.state_dict(), model.config)
-    with atomic_path(folder, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(folder, overwrite=overwrite, directory=True, kind="model") as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_diffusers_config(), indent=2) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        save_file(tensors, str(tmp / DIFFUSERS_WEIGHT_NAMES[0]), metadata={"format": "pt"})
+        (tmp / DIFFUSERS_WEIGHT_NAMES[0]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     return folder

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
+from .arrays import to_numpy
 from .errors import InputError
 from .fsutil import atomic_path
 
@@ -26,8 +26,8 @@ FORMAT = "cvvae-latents/1"
 
 @dataclass
 class LatentFile:
-    mean: torch.Tensor
-    logvar: torch.Tensor | None
+    mean: Any                     # numpy arrays when read from a file; any array when written
+    logvar: Any | None
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -52,17 +52,18 @@ def model_identity(model: Any) -> dict[str, Any]:
     return identity(model.config, getattr(info, "sha256", None), getattr(info, "source", None))
 
 
-def save_latents(path: str | Path, mean: torch.Tensor, logvar: torch.Tensor | None, *, num_frames: int,
+def save_latents(path: str | Path, mean: Any, logvar: Any | None, *, num_frames: int,
                  height: int, width: int, identity: dict[str, Any], extra: dict[str, Any] | None = None,
                  overwrite: bool = False) -> Path:
     """Write a latent file atomically (temp file + rename)."""
     path = Path(path)
     meta = {"format": FORMAT, "num_frames": num_frames, "height": height, "width": width, **identity, **(extra or {})}
-    tensors = {"mean": mean.detach().to("cpu", torch.float32).contiguous()}
+    tensors = {"mean": np.ascontiguousarray(to_numpy(mean, np.float32))}
     if logvar is not None:
-        tensors["logvar"] = logvar.detach().to("cpu", torch.float32).contiguous()
+        tensors["logvar"] = np.ascontiguousarray(to_numpy(logvar, np.float32))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        # bytes into our own temporary: save_file would make a second, private (0600) temporary of its own
+        tmp.write_bytes(safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
     return path
 
 
@@ -76,12 +77,12 @@ def load_latents(path: str | Path) -> LatentFile:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise InputError(f"cannot read {path} as a .npy array: {e}") from e
-        return LatentFile(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), None)
+        return LatentFile(np.ascontiguousarray(arr, dtype=np.float32), None)
     if path.suffix != ".safetensors":
         raise InputError(f"latent file {path} must be .safetensors or .npy, not {path.suffix or 'no suffix'}")
     try:
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             raw_meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"cannot read {path} as safetensors: {e}") from e
@@ -94,8 +95,10 @@ def load_latents(path: str | Path) -> LatentFile:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return LatentFile(tensors[key].float(), tensors.get("logvar"), meta.get("num_frames"), meta.get("height"),
-                      meta.get("width"), meta)
+    logvar = tensors.get("logvar")
+    return LatentFile(tensors[key].astype(np.float32, copy=False),
+                      None if logvar is None else logvar.astype(np.float32, copy=False), meta.get("num_frames"),
+                      meta.get("height"), meta.get("width"), meta)
 
 
 def check_latent_matches(latents: LatentFile, cfg: Any, model_sha256: str | None, *,

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig, preset as get_preset
 from .errors import CheckpointError
+from .default_model import DEFAULT_MODEL_DIR
 from .fsutil import atomic_path, sha256_file
 from .model import CVVAE
 
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRAINING_ONLY_PREFIXES = ("loss.", "constraint_decoder.", "model_ema.", "discriminator.", "lpips.")
 RANDOM_PREFIX = "random:"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 _SD3_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -216,8 +217,8 @@ def load_model(path: str | Path | None = None, *, preset: str | None = None, con
 def save_model(model: CVVAE, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write the official diffusers layout (config.json + diffusion_pytorch_model.safetensors), atomically."""
     folder = Path(folder)
-    with atomic_path(folder, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(folder, overwrite=overwrite, directory=True, kind="model") as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(), indent=2) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
+        (tmp / WEIGHT_NAMES[0]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     return folder

@@ -1,8 +1,9 @@
 """TensorRT engines: profiles, builds, sidecars and the ``tensorrt`` runtime backend.
 
-Importing this package never imports TensorRT: :mod:`cvvae.engines.profile` and :mod:`cvvae.engines.sidecar` are pure
-Python, and :mod:`cvvae.engines.build` / :mod:`cvvae.engines.trt_backend` import ``tensorrt`` only inside the calls that
-need it.
+Importing this package never imports TensorRT: :mod:`cvvae.engines.profile`, :mod:`cvvae.engines.sidecar`,
+:mod:`cvvae.engines.engine_check` (load-time checks, TensorRT objects passed in) and :mod:`cvvae.engines.trtexec` are
+pure Python, and :mod:`cvvae.engines.build` / :mod:`cvvae.engines.trt_backend` import ``tensorrt`` only inside the
+calls that need it.
 """
 
 from cvvae.engines.profile import (AxisProfile, Profile, ProfileError, ProfileSpec, ShapeOutsideProfileError,

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 from cvvae.errors import CVVAEError
 from cvvae.fsutil import atomic_path, sha256_file
 from cvvae.engines.engine_check import expected_io
+from cvvae.integrity import member_path
 from cvvae.engines.profile import Profile, ProfileSpec, coverage_warnings, default_spec, resolve_profiles
 from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, EngineSidecar, Mismatch,
                                    StaleEngineError, cvvae_version, engine_filename, is_engine_dir, load_engine_dir,
@@ -233,7 +234,7 @@ class EngineBuilder:
     # ----- the TensorRT Python API ------------------------------------------------------------------------------------
     def build(self, cache_bytes: bytes | None = None) -> tuple[bytes, bytes]:
         """Parse the ONNX graph, add the profiles and build; returns (serialized engine, updated timing cache)."""
-        from cvvae.runtime.backends import lazy_import
+        from cvvae.extras import lazy_import
 
         trt = lazy_import("tensorrt", "building TensorRT engines")
         logger = trt.Logger(trt.Logger.WARNING)
@@ -430,8 +431,9 @@ def engine_dir_manifest(export_dir: Path, out_dir: Path, export_sha: str, *, reb
             "--rebuild to replace them, or choose another --out")
     for component, by_precision in old.engines.items():  # engines of the old export would be stale: remove them
         for entry in by_precision.values():
-            for name in (entry["file"], entry["sidecar"]):
-                (out_dir / name).unlink(missing_ok=True)
+            for name in (entry["file"], entry["sidecar"]):  # never a file outside out_dir (a tampered manifest)
+                member_path(out_dir, name, listed_in=out_dir / "manifest.json",
+                            fix="remove the engine directory yourself").unlink(missing_ok=True)
     return fresh
 
 

@@ -73,7 +73,7 @@ def build_engines(export_dir: Path, out_dir: Path, precision: str, components: s
     from cvvae.engines import build
     from cvvae.engines.profile import ProfileSpec, default_spec
     from cvvae.export.manifest import load_manifest
-    from cvvae.runtime.backends import is_installed
+    from cvvae.extras import is_installed
 
     manifest = load_manifest(export_dir)
     wanted = [c.strip() for c in components.split(",") if c.strip()] if components else None
@@ -112,7 +112,7 @@ def build_engines(export_dir: Path, out_dir: Path, precision: str, components: s
         return
     if not is_installed("tensorrt"):
         from cvvae.errors import BackendUnavailableError
-        from cvvae.runtime.backends import INSTALL_HINTS
+        from cvvae.extras import INSTALL_HINTS
 
         raise BackendUnavailableError(f"TensorRT is not installed here ({INSTALL_HINTS['tensorrt']}); "
                                       "--print-trtexec prints the equivalent trtexec commands instead")

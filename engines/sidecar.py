@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from cvvae.errors import CVVAEError
 from cvvae.fsutil import atomic_path
+from cvvae.integrity import member_path
 
 SIDECAR_FORMAT = "cvvae-engine/1"
 ENGINE_DIR_FORMAT = "cvvae-engines/1"
@@ -66,20 +67,20 @@ class EngineEnvironment:
 
 
 def current_environment(device: int = 0) -> EngineEnvironment:
-    """The running TensorRT version, CUDA version (torch's runtime) and GPU; needs tensorrt and a CUDA device."""
-    import torch
-
-    from cvvae.runtime.backends import lazy_import
+    """The running TensorRT version, CUDA runtime version and GPU (asked of torch where installed, else CuPy); needs
+    tensorrt and a CUDA device."""
+    from cvvae.cuda_device import CudaDevice
+    from cvvae.extras import lazy_import
 
     trt = lazy_import("tensorrt", "building or loading TensorRT engines")
-    if not torch.cuda.is_available():
+    cuda = CudaDevice.open(device)
+    if not cuda.available():
         from cvvae.errors import BackendUnavailableError
 
-        raise BackendUnavailableError("TensorRT engines need a CUDA GPU, and torch sees none "
-                                      "(torch.cuda.is_available() is False)")
-    major, minor = torch.cuda.get_device_capability(device)
-    return EngineEnvironment(tensorrt_version=str(trt.__version__), cuda_version=torch.version.cuda,
-                             gpu_name=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
+        raise BackendUnavailableError(f"TensorRT engines need a CUDA GPU, and {cuda.lib} sees no cuda:{device}")
+    cuda_version, gpu_name, capability = cuda.describe()
+    return EngineEnvironment(tensorrt_version=str(trt.__version__), cuda_version=cuda_version, gpu_name=gpu_name,
+                             compute_capability=capability)
 
 
 # ----- the sidecar ----------------------------------------------------------------------------------------------------
@@ -267,7 +268,9 @@ class EngineDirManifest:
             raise EngineDirError(f"{self.directory} has no {precision} {component} engine (it has: "
                                  f"{', '.join(have) or 'none'}); build it with "
                                  f"{rebuild_command(self.export.get('dir'), self.directory, precision)}")
-        return (self.directory or Path(".")) / entry["file"]
+        directory = self.directory or Path(".")
+        return member_path(directory, entry.get("file"), listed_in=directory / MANIFEST_NAME,
+                           fix=f"rebuild it: {rebuild_command(self.export.get('dir'), directory, precision)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,5 +1,5 @@
 """The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.runtime.backends.Backend`
-interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 torch tensors).
+interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 arrays of the caller's family).
 
 * Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`, :mod:`cvvae.engines.engine_check`):
   another TensorRT version, GPU or compute capability than the sidecar records, a graph whose sha256 no longer
@@ -8,13 +8,14 @@ interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 
   sha256 recorded then (docs/engines.md, "Engines built with trtexec").
 * One execution context per engine; the optimization profile is chosen per call (the smallest profile containing the
   chunk/tile shape, :func:`cvvae.engines.profile.choose_profile`) and switched only when it changes.
-* Device buffers are torch CUDA tensors (``set_tensor_address(name, tensor.data_ptr())``). The work is enqueued
-  (``execute_async_v3``) on the engine's own torch CUDA stream, which waits for torch's current stream and makes it
-  wait in turn, so results are ordered with the surrounding torch code without a host sync (TensorRT warns about,
-  and synchronizes around, the legacy default stream). A CUDA input is used in place (zero copy) when it already
-  has the engine's dtype and is contiguous.
-* Inputs are cast to the engine's I/O dtype (fp16 graphs take fp16); outputs are returned as float32, on the input's
-  device (a CPU tile comes back on the CPU, a CUDA tile stays on the GPU).
+* Device buffers are CUDA arrays of torch where it is installed, else CuPy (:class:`cvvae.cuda_device.CudaDevice`;
+  ``set_tensor_address(name, pointer)``). The work is enqueued (``execute_async_v3``) on the engine's own CUDA
+  stream, which waits for the library's current stream and makes it wait in turn, so results are ordered with the
+  caller's work without a host sync (TensorRT warns about, and synchronizes around, the legacy default stream). A
+  CUDA input is used in place (zero copy) when it already has the engine's dtype and is contiguous; other device
+  arrays (DLPack, ``__cuda_array_interface__``) are viewed, host arrays copied in.
+* Inputs are cast to the engine's I/O dtype (fp16 graphs take fp16); outputs are returned as float32 in the input's
+  family and on its device (a numpy tile comes back as numpy, a CUDA tile stays on the GPU).
 
 TensorRT is imported only when a backend is loaded.
 """
@@ -26,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cvvae import arrays
 from cvvae.config import ModelConfig
+from cvvae.cuda_device import CudaDevice
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.plan import PlanSettings
 from cvvae.engines.engine_check import OpenedEngine, expected_io, open_engine
@@ -38,9 +39,8 @@ from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, current
 
 log = logging.getLogger(__name__)
 
-# engine I/O dtype (cvvae.engines.engine_check.TRT_DTYPES names) -> torch dtype
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
-                "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+# engine I/O dtypes (cvvae.engines.engine_check.TRT_DTYPES names) the device buffers can hold
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
 
 
 @dataclass
@@ -53,67 +53,69 @@ class TrtEngine:
     profiles: list[Profile]
     inputs: list[str]
     outputs: list[str]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, str]                 # tensor name -> dtype name ("float16", ...)
     dims: dict[str, list[Any]]             # manifest dims per tensor (axis names), for error messages
-    device: torch.device
-    stream: Any = None                     # torch.cuda.Stream the engine runs on (TensorRT dislikes the default one)
+    device: CudaDevice
+    stream: Any = None                     # the CUDA stream the engine runs on (TensorRT dislikes the default one)
     active_profile: int | None = None
     tolerated: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_opened(cls, opened: OpenedEngine, path: Path, device: torch.device) -> "TrtEngine":
+    def from_opened(cls, opened: OpenedEngine, path: Path, device: CudaDevice) -> "TrtEngine":
         """Wrap an engine that passed :func:`cvvae.engines.engine_check.open_engine` (I/O and profiles checked)."""
         io = opened.io
         dtypes = {}
         for n, t in io.tensors.items():
-            if t["dtype"] not in TORCH_DTYPES:
-                raise BackendUnavailableError(f"{path}: tensor {n!r} has dtype {t['dtype']}, which torch lacks")
-            dtypes[n] = TORCH_DTYPES[t["dtype"]]
+            if t["dtype"] not in SUPPORTED_DTYPES:
+                raise BackendUnavailableError(f"{path}: tensor {n!r} has dtype {t['dtype']}, which is not supported")
+            dtypes[n] = t["dtype"]
         engine = opened.engine
-        with torch.cuda.device(device):
+        with device.guard():
             context = engine.create_execution_context()
         profiles = [Profile.from_dict(p) for p in opened.sidecar.profiles]
         dims = {n: list(t.get("dims", [])) for n, t in opened.sidecar.io.items()}
-        stream = torch.cuda.Stream(device=device)
+        stream = device.new_stream()
         return cls(path, engine, context, profiles, io.inputs, io.outputs, dtypes, dims, device, stream,
                    tolerated=opened.tolerated)
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on ``feeds`` (name -> tensor); outputs as float32 on the device of the first input."""
+    def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run on ``feeds`` (name -> array); outputs as float32 arrays like the first input (family and device)."""
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise InputError(f"{self.path.name} needs input(s) {', '.join(missing)}; got {', '.join(feeds)}")
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         index = choose_profile(self.profiles, shapes, engine=self.path.name, axis_names=self.dims)
-        home = next(iter(feeds.values())).device
-        current = torch.cuda.current_stream(self.device)
-        with torch.cuda.device(self.device):
+        home = next(iter(feeds.values()))
+        cuda = self.device
+        current = cuda.current_stream()
+        with cuda.guard():
             if index != self.active_profile:
-                if not self.context.set_optimization_profile_async(index, self.stream.cuda_stream):
+                if not self.context.set_optimization_profile_async(index, cuda.pointer(self.stream)):
                     raise BackendUnavailableError(f"{self.path.name}: TensorRT refused optimization profile {index}")
                 self.active_profile = index
             keep = []  # device inputs stay referenced until the work is enqueued
-            # buffers are made on torch's current stream; the engine's stream waits for them, and torch's current
+            # buffers are made on the library's current stream; the engine's stream waits for them, and the current
             # stream waits for the engine, so everything after this call (frees included) is ordered after it
             for n in self.inputs:
-                x = feeds[n].to(self.device, self.dtypes[n], non_blocking=True).contiguous()
+                x = cuda.put(feeds[n], self.dtypes[n])
                 keep.append(x)
                 if not self.context.set_input_shape(n, tuple(x.shape)):
                     raise InputError(f"{self.path.name}: TensorRT rejected shape {tuple(x.shape)} for {n!r}")
-                self.context.set_tensor_address(n, x.data_ptr())
+                self.context.set_tensor_address(n, arrays.data_pointer(x))
             outputs = {}
             for n in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise InputError(f"{self.path.name}: output {n!r} shape {shape} is not determined by the inputs")
-                y = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
-                self.context.set_tensor_address(n, y.data_ptr())
+                y = cuda.empty(shape, self.dtypes[n])
+                self.context.set_tensor_address(n, arrays.data_pointer(y))
                 outputs[n] = y
-            self.stream.wait_stream(current)
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+            cuda.wait(self.stream, current)
+            if not self.context.execute_async_v3(cuda.pointer(self.stream)):
                 raise BackendUnavailableError(f"{self.path.name}: TensorRT failed to enqueue the inference")
-            current.wait_stream(self.stream)
-        return {n: y.to(home, torch.float32) for n, y in outputs.items()}
+            cuda.wait(current, self.stream)
+            xp = cuda.namespace
+            return {n: arrays.like(xp.astype(y, xp.float32), home) for n, y in outputs.items()}
 
 
 @dataclass
@@ -132,7 +134,7 @@ class TensorRTBackend:
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cuda", precision: str = "fp16",
              components: tuple[str, ...] = ("encoder", "decoder")) -> "TensorRTBackend":
-        from cvvae.runtime.backends import lazy_import
+        from cvvae.extras import lazy_import
 
         trt = lazy_import("tensorrt", "the tensorrt backend")  # first: without TensorRT nothing else matters
         engine_dir = Path(engine_dir)
@@ -143,14 +145,14 @@ class TensorRTBackend:
         if kind != "cuda":
             raise InputError(f"the tensorrt backend runs on cuda[:N], not {device!r}")
         env = current_environment(int(index or 0))
-        torch_device = torch.device("cuda", int(index or 0))
+        cuda = CudaDevice.open(int(index or 0))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines: dict[str, TrtEngine | None] = {}
         for component in ("encoder", "decoder"):
             if component not in components:
                 engines[component] = None
                 continue
-            engines[component] = load_checked(trt, runtime, manifest, component, precision, env, torch_device)
+            engines[component] = load_checked(trt, runtime, manifest, component, precision, env, cuda)
         return cls(engine_dir, manifest, engines["encoder"], engines["decoder"], precision, env, runtime)
 
     @property
@@ -174,18 +176,18 @@ class TensorRTBackend:
             raise InputError(f"the {component} engine was not loaded; pass components including {component!r}")
         return engine
 
-    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+    def encoder(self, video: Any) -> Any:
         engine = self._engine("encoder")
         out = engine({engine.inputs[0]: video})
-        return torch.cat([out["mean"], out["logvar"]], dim=1)
+        return arrays.namespace(out["mean"]).concat([out["mean"], out["logvar"]], axis=1)
 
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+    def decoder(self, latent: Any) -> Any:
         engine = self._engine("decoder")
         return engine({engine.inputs[0]: latent})[engine.outputs[0]]
 
 
 def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component: str, precision: str,
-                 env: EngineEnvironment, device: torch.device) -> TrtEngine:
+                 env: EngineEnvironment, device: CudaDevice) -> TrtEngine:
     """Load one engine after checking it against its sidecar, the running TensorRT/GPU and the export
     (:func:`cvvae.engines.engine_check.open_engine`; a trtexec engine's first load records its sha256)."""
     path = manifest.engine_path(component, precision)
@@ -194,7 +196,7 @@ def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component:
         raise BackendUnavailableError(f"{path} is listed in {manifest.directory}/manifest.json but missing; {hint}")
 
     def deserialize(data: bytes) -> Any:
-        with torch.cuda.device(device):
+        with device.guard():
             return runtime.deserialize_cuda_engine(data)
 
     opened = open_engine(path, trt=trt, deserialize=deserialize, environment=env,

@@ -83,7 +83,7 @@ def export_command(model_path: str | None, preset: str | None, subfolder: str | 
     config = ExportConfig(components=parse_components(components), precisions=parse_precisions(precisions),
                           opset=opset, exporter=exporter, verify=verify,
                           external_data_threshold=external_data_threshold, fp16_rule=rule)
-    check_writable_target(out_dir, overwrite=force, what="export directory")
+    check_writable_target(out_dir, overwrite=force, what="export directory", kind="export")
     model = load_model(model_path, preset=preset, subfolder=subfolder, trust_pickle=trust_checkpoint)
     manifest = export_model(model, out_dir, config, overwrite=force, on_progress=_echo_progress)
     if as_json:

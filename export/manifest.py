@@ -2,7 +2,8 @@
 
 ``load_manifest(dir)`` -> :class:`ExportManifest`; the runtime calls ``m.model_config()``, ``m.plan_settings()``,
 ``m.graph_path("encoder", "fp32")`` and ``m.precisions("encoder")``. A missing, unreadable or foreign manifest raises
-:class:`cvvae.errors.ExportError` naming the file and the fix.
+:class:`cvvae.errors.ExportError` naming the file and the fix; a graph whose sha256 differs from the manifest's, or a
+file name leading outside the export folder, raises :class:`cvvae.errors.IntegrityError` (issue 13 item 1).
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from cvvae.config import ConfigError, ModelConfig
 from cvvae.errors import ExportError
 from cvvae.export import contract
 from cvvae.export.contract import ComponentSpec
 from cvvae.fsutil import atomic_path, sha256_file
+from cvvae.integrity import check_member_name, check_sha256, member_path
 from cvvae.plan import PlanError, PlanSettings
 
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+if TYPE_CHECKING:  # onnx is needed to write a manifest, not to read one (the torch-free runtime reads them)
+    import onnx
+
+REEXPORT_HINT = "re-export it into a fresh folder (`cvvae export --model CKPT --out DIR`)"
+# onnx.TensorProto element types (FLOAT, FLOAT16, BFLOAT16, DOUBLE) -> numpy dtype names
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
 
 
 @dataclass
@@ -140,24 +144,34 @@ class ExportManifest:
                               f"{', '.join(files)} (re-export with --precisions)")
         return files[precision]
 
-    def graph_path(self, component: str, precision: str = "fp32") -> Path:
-        path = (self.directory or Path(".")) / self.graph_file(component, precision).path
+    def graph_path(self, component: str, precision: str = "fp32", *, verify: bool = True,
+                   fix: str = REEXPORT_HINT) -> Path:
+        """The graph's path, inside the export folder; with ``verify`` (the default) only after its sha256, and its
+        external data's, matched the manifest (:mod:`cvvae.integrity`, cached while the files are unchanged).
+        ``fix``: what the error tells the user to do."""
+        directory = self.directory or Path(".")
+        f = self.graph_file(component, precision)
+        where = directory / contract.MANIFEST_NAME
+        path = member_path(directory, f.path, listed_in=where, fix=fix)
         if not path.exists():
-            raise ExportError(f"{path} listed in the manifest is missing; re-export into a fresh directory")
+            raise ExportError(f"{path} listed in the manifest is missing; {fix}")
+        if verify:
+            check_sha256(path, f.sha256, recorded_in=where, fix=fix)
+            if f.external_data or f.data_path:
+                data = member_path(directory, f.data_path, listed_in=where, fix=fix)
+                if not data.exists():
+                    raise ExportError(f"{data} (external weights of {path.name}) is missing; {fix}")
+                check_sha256(data, f.data_sha256, recorded_in=where, fix=fix)
         return path
 
     def io_dtypes(self, component: str, precision: str = "fp32") -> dict[str, str]:
         return dict(self.graph_file(component, precision).io_dtypes)
 
-    def check_files(self) -> None:
-        """Recompute every file's sha256; raise ExportError naming the first that differs."""
+    def check_files(self, *, fix: str = REEXPORT_HINT) -> None:
+        """Verify every graph file (and its external data) against the manifest; raise naming the first that differs."""
         for name, entry in self.components.items():
-            for precision, f in entry.files.items():
-                path = self.graph_path(name, precision)
-                if sha256_file(path) != f.sha256:
-                    raise ExportError(f"{path} does not match the sha256 in the manifest (modified after export)")
-                if f.data_path and sha256_file(path.parent / f.data_path) != f.data_sha256:
-                    raise ExportError(f"{path.parent / f.data_path} does not match the sha256 in the manifest")
+            for precision in entry.files:
+                self.graph_path(name, precision, fix=fix)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -184,6 +198,7 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     import numpy
+    import onnx
     import onnxruntime
     import torch
 
@@ -275,6 +290,12 @@ def load_manifest(directory: str | Path) -> ExportManifest:
     if missing:
         raise ExportError(f"{path} lacks {', '.join(missing)}; re-export the directory")
     try:
-        return ExportManifest.from_dict(data, directory=path.parent)
-    except (KeyError, TypeError) as e:
+        manifest = ExportManifest.from_dict(data, directory=path.parent)
+    except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{path} is not a valid {contract.FORMAT} manifest: {type(e).__name__}: {e}") from e
+    for entry in manifest.components.values():  # every file it names must lie inside the export folder
+        for f in entry.files.values():
+            check_member_name(f.path, listed_in=path, fix=REEXPORT_HINT)
+            if f.data_path is not None:
+                check_member_name(f.data_path, listed_in=path, fix=REEXPORT_HINT)
+    return manifest

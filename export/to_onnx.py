@@ -495,7 +495,7 @@ def export_model(model: CVVAE, out_dir: str | Path, config: ExportConfig | None 
 
     config = config or ExportConfig()
     out_dir = Path(out_dir)
-    check_writable_target(out_dir, overwrite=overwrite, what="export directory")
+    check_writable_target(out_dir, overwrite=overwrite, what="export directory", kind="export")
     say = on_progress or (lambda msg: log.info("%s", msg))
     if model.dtype != torch.float32:
         raise ExportError(f"export needs the model in float32 (it is {model.dtype}): load it with dtype=torch.float32; "
@@ -506,7 +506,7 @@ def export_model(model: CVVAE, out_dir: str | Path, config: ExportConfig | None 
     references = verify_mod.reference_cases(model, config.components) if config.verify else None
     lower = [p for p in config.precisions if p is not Precision.FP32]
     calibration = verify_mod.calibration_feeds(model, config.components) if lower else None
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="export") as tmp:
         for component in config.components:
             spec = COMPONENT_SPECS[component]
             say(f"{component}: exporting with {config.exporter} at opset {config.opset}")

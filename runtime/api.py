@@ -4,9 +4,14 @@ It loads one backend (PyTorch reference, ONNX Runtime, TensorRT), executes the o
 :mod:`cvvae.plan` through :mod:`cvvae.tiling`, and streams: ``encode_stream`` holds at most one temporal chunk of
 frames, ``decode_stream`` yields frames chunk by chunk, so peak memory does not grow with video length.
 
-Inputs are numpy arrays or torch tensors: uint8 frames (T,H,W,3) or (B,T,H,W,3), or float pixels in [-1, 1]
-(B,3,T,H,W) or (3,T,H,W). Frame counts that are not 1+4k and sizes that are not multiples of 8 are padded and
-cropped back, and the original size travels with the latents.
+Inputs are numpy arrays or any DLPack-capable array (torch, CuPy, JAX...): uint8 frames (T,H,W,3) or (B,T,H,W,3), or
+float pixels in [-1, 1] (B,3,T,H,W) or (3,T,H,W). Outputs are arrays of the input's family (numpy in, numpy out;
+torch in, torch out), see :mod:`cvvae.arrays`. Frame counts that are not 1+4k and sizes that are not
+multiples of 8 are padded and cropped back, and the original size travels with the latents.
+
+Thread safety: a ``VideoVAE`` holds its backend's sessions or engine contexts and must not be used by two threads at
+once. Use one ``VideoVAE`` per thread (they may share nothing), or guard a shared one with a lock of your own
+(docs/thin-runtime.md).
 """
 
 from __future__ import annotations
@@ -18,37 +23,44 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
-from .. import tiling
+from .. import arrays, tiling
+from ..arrays import Array
 from ..config import ModelConfig
 from ..errors import InputError
+from ..export.contract import LOGVAR_CLAMP
+from ..fsutil import cache_root
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
-from ..model import LOGVAR_MAX, LOGVAR_MIN
 from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
-from .backends import BACKENDS, Backend
+from .backends import BACKENDS, Backend, default_backend
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int | None], None]  # (frames done, total frames or None)
+MomentsChunk = tuple[Array, Array, VideoPlan]  # (mean, logvar, plan) of one temporal chunk
 
 
 @dataclass
 class Latents:
-    """Latent distribution of a video plus what decoding needs to return the original frames."""
+    """Latent distribution of a video plus what decoding needs to return the original frames.
 
-    mean: torch.Tensor            # B,z,L,h,w
-    logvar: torch.Tensor | None
+    ``mean`` and ``logvar`` are arrays of the family the frames came in (numpy, torch, CuPy...).
+    """
+
+    mean: Array                   # B,z,L,h,w
+    logvar: Array | None
     num_frames: int
     height: int
     width: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, rng: np.random.Generator | int | None = None) -> Array:
+        """``mean + exp(logvar / 2) * noise`` with standard normal noise from ``rng`` (a numpy Generator or seed)."""
         if self.logvar is None:
             raise InputError("these latents carry no logvar, so they cannot be sampled; use .mean")
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise
+        noise = np.random.default_rng(rng).standard_normal(tuple(self.mean.shape), dtype=np.float32)
+        xp = arrays.namespace(self.mean)
+        return self.mean + xp.exp(0.5 * self.logvar) * arrays.like(noise, self.mean)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         identity = {k: v for k, v in self.metadata.items()}
@@ -62,34 +74,40 @@ class Latents:
 
     @classmethod
     def from_file(cls, f: LatentFile) -> "Latents":
-        mean = f.mean if f.mean.ndim == 5 else f.mean.unsqueeze(0)
-        logvar = None if f.logvar is None else (f.logvar if f.logvar.ndim == 5 else f.logvar.unsqueeze(0))
+        mean = f.mean if f.mean.ndim == 5 else f.mean[None]
+        logvar = None if f.logvar is None else (f.logvar if f.logvar.ndim == 5 else f.logvar[None])
         meta = {k: v for k, v in f.metadata.items() if k not in ("num_frames", "height", "width", "format")}
         t, h, w = mean.shape[2:]
         return cls(mean, logvar, f.num_frames or 4 * (t - 1) + 1, f.height or 8 * h, f.width or 8 * w, meta)
 
 
-def to_pixels(frames: Any) -> torch.Tensor:
-    """uint8 frames (T,H,W,3)/(B,T,H,W,3) or float pixels (B,3,T,H,W)/(3,T,H,W) -> float32 B,3,T,H,W in [-1,1]."""
-    if isinstance(frames, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(frames))
-    elif isinstance(frames, torch.Tensor):
-        x = frames
-    else:
-        raise InputError(f"frames must be a numpy array or a torch tensor, not {type(frames).__name__}")
-    if x.dtype == torch.uint8:
+def to_pixels(frames: Any) -> Array:
+    """uint8 frames (T,H,W,3)/(B,T,H,W,3) or float pixels (B,3,T,H,W)/(3,T,H,W) -> float32 B,3,T,H,W in [-1,1].
+
+    ``frames`` is a numpy array or any DLPack-capable array; the result is of the same family, on the same device.
+    """
+    try:
+        x = arrays.as_array(frames)
+    except InputError:
+        raise InputError(f"frames must be a numpy array or a DLPack-capable array (torch, CuPy, JAX...), "
+                         f"not {type(frames).__name__}") from None
+    xp = arrays.namespace(x)
+    if arrays.is_uint8(x):
         if x.ndim == 4:
-            x = x.unsqueeze(0)
+            x = x[None]
         if x.ndim != 5 or x.shape[-1] != 3:
             raise InputError(f"uint8 frames must be (T,H,W,3) or (B,T,H,W,3) RGB, got {tuple(x.shape)}")
-        return x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
-    if not x.is_floating_point():
+        y = xp.astype(xp.permute_dims(x, (0, 4, 1, 2, 3)), xp.float32)
+        y /= 127.5
+        y -= 1.0
+        return y
+    if not arrays.is_floating(x):
         raise InputError(f"frames of dtype {x.dtype} are not supported: pass uint8 RGB or float pixels in [-1, 1]")
     if x.ndim == 4:
-        x = x.unsqueeze(0)
+        x = x[None]
     if x.ndim != 5 or x.shape[1] != 3:
         raise InputError(f"float pixels must be (B,3,T,H,W) or (3,T,H,W), got {tuple(x.shape)}")
-    return x.float()
+    return xp.astype(x, xp.float32, copy=False)
 
 
 class VideoVAE:
@@ -101,19 +119,26 @@ class VideoVAE:
         self.batch_tiles = batch_tiles
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, backend: str = "torch", device: str = "cpu",
+    def load(cls, path: str | Path | None = None, *, backend: str | None = None, device: str = "cpu",
              precision: str = "fp32", batch_tiles: bool = False, plan_overrides: dict[str, Any] | None = None,
              **backend_kwargs: Any) -> "VideoVAE":
         """Load a checkpoint (torch), an export directory (onnxruntime) or an engine directory (tensorrt).
 
-        ``path=None`` is the built-in default model; with ``backend="onnxruntime"`` it is exported once into the
-        cache (keyed by the checkpoint's sha256) and reused.
+        ``backend=None`` is ``torch`` where PyTorch is installed, else ``onnxruntime``. ``path=None`` is the built-in
+        default model; with ``backend="onnxruntime"`` its shipped ONNX graphs run (other checkpoints are exported
+        once into the cache, keyed by the checkpoint's sha256, which needs torch).
         """
+        if backend is None:
+            backend = default_backend()
+            if backend != "torch":
+                log.warning("PyTorch is not installed: using the %s backend", backend)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
         if backend == "tensorrt" and device == "cpu":
             device = "cuda"  # engines run on a GPU; "cpu" is only the CLI-wide default
-        if backend == "onnxruntime" and (path is None or not (Path(path) / "manifest.json").exists()):
+        if backend == "onnxruntime" and path is None and shipped_graphs(precision) is not None:
+            path = shipped_graphs(precision)
+        elif backend == "onnxruntime" and (path is None or not (Path(path) / "manifest.json").exists()):
             path = cached_export(path, precision=precision)
         impl = BACKENDS[backend](path, device=device, precision=precision, **backend_kwargs)
         settings = PlanSettings.from_config(impl.config, **(plan_overrides or {}))
@@ -136,52 +161,34 @@ class VideoVAE:
                              metadata)
 
     def encode_stream(self, frame_chunks: Iterable[Any], *, total_frames: int | None = None,
-                      on_progress: ProgressFn | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]]:
+                      on_progress: ProgressFn | None = None) -> Iterator[MomentsChunk]:
         """Yield (mean, logvar, plan) for each temporal chunk as soon as its frames have arrived.
 
         ``frame_chunks`` yields frames in any grouping (uint8 or float, as :meth:`encode` takes). The last item
-        carries the final plan (the true frame count); when the last chunk ended on the last frame its tensors are
-        empty.
+        carries the final plan (the true frame count); when the last chunk ended on the last frame its arrays are
+        empty. The arrays are of the family of the frames given.
         """
-        streamer: tiling.StreamingEncoder | None = None
-        plan: VideoPlan | None = None
-        frames_done = 0
+        session = self.encode_session(total_frames=total_frames, on_progress=on_progress)
         for piece in frame_chunks:
-            x = to_pixels(piece)
-            if x.shape[1] != self.config.in_channels:
-                raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.config.in_channels}")
-            if plan is None:
-                plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
-                streamer = tiling.StreamingEncoder(self.backend.encoder, plan, batch_tiles=self.batch_tiles)
-            elif x.shape[3:] != (plan.height, plan.width):
-                raise InputError(f"frame size changed mid-stream from {plan.height}x{plan.width} to "
-                                 f"{x.shape[3]}x{x.shape[4]}")
-            frames_done += x.shape[2]
-            x = tiling.pad_space(x, plan)
-            for moments in streamer.push(x):
-                yield (*_split_moments(moments), plan)
-            if on_progress:
-                on_progress(frames_done, total_frames)
-        if streamer is None:
-            raise InputError("no frames to encode: the input is empty")
-        final = self.plan(frames_done, plan.height, plan.width)
-        tail = list(streamer.finish())
-        if not tail:  # the last chunk ended on the last frame: still hand over the final plan
-            empty = torch.empty(0)
-            yield empty, empty, final
-        for moments in tail:
-            yield (*_split_moments(moments), final)
+            yield from session.push(piece)
+        yield from session.finish()
 
-    def _collect(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor, VideoPlan]],
+    def encode_session(self, *, total_frames: int | None = None,
+                       on_progress: ProgressFn | None = None) -> "EncodeSession":
+        """A push-style encoder for frames that arrive one by one (a renderer's loop), see :class:`EncodeSession`."""
+        return EncodeSession(self, total_frames=total_frames, on_progress=on_progress)
+
+    def _collect(self, stream: Iterator[MomentsChunk],
                  metadata: dict[str, Any] | None) -> Latents:
         means, logvars, plan = [], [], None
         for mean, logvar, plan in stream:
-            if mean.numel():
+            if mean.ndim == 5:
                 means.append(mean)
                 logvars.append(logvar)
         meta = {**self.backend.identity, "plan": plan.describe(), "backend": self.backend.name,
                 "precision": self.backend.precision, **(metadata or {})}
-        return Latents(torch.cat(means, 2), torch.cat(logvars, 2), plan.num_frames, plan.height, plan.width, meta)
+        return Latents(tiling.concat_time(means), tiling.concat_time(logvars), plan.num_frames, plan.height,
+                       plan.width, meta)
 
     def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
                      **read_kwargs: Any) -> Latents:
@@ -196,33 +203,90 @@ class VideoVAE:
                              {"fps": fps, "source_video": str(path)})
 
     # ----- decode ---------------------------------------------------------------------------------------------
-    def decode_stream(self, latents: Latents | torch.Tensor, *, on_progress: ProgressFn | None = None,
-                      check_model: bool = True) -> Iterator[torch.Tensor]:
-        """Yield float pixels (B,3,t,H,W) in [-1,1], chunk by chunk, cropped to the original size."""
-        if isinstance(latents, torch.Tensor):
-            z = latents if latents.ndim == 5 else latents.unsqueeze(0)
+    def decode_stream(self, latents: Latents | Array, *, on_progress: ProgressFn | None = None,
+                      check_model: bool = True) -> Iterator[Array]:
+        """Yield float pixels (B,3,t,H,W) in [-1,1], chunk by chunk, cropped to the original size.
+
+        The pixels are arrays of the latents' family (numpy latents, numpy pixels; torch, torch; ...).
+        """
+        if not isinstance(latents, Latents):
+            z = arrays.as_array(latents)
+            z = z if z.ndim == 5 else z[None]
             latents = Latents(z, None, 4 * (z.shape[2] - 1) + 1, 8 * z.shape[3], 8 * z.shape[4])
         if check_model:
             check_latent_matches(LatentFile(latents.mean, latents.logvar, metadata=latents.metadata), self.config,
                                  self.backend.identity.get("model_sha256"))
-        z = latents.mean
+        z = arrays.as_array(latents.mean)
+        xp = arrays.namespace(z)
         plan = make_latent_plan(self.settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
                                 height=latents.height, width=latents.width)
         done = 0
-        for pixels in tiling.iter_decode(self.backend.decoder, z.float(), plan, batch_tiles=self.batch_tiles):
+        for pixels in tiling.iter_decode(self.backend.decoder, xp.astype(z, xp.float32, copy=False), plan,
+                                         batch_tiles=self.batch_tiles):
             done += pixels.shape[2]
             if on_progress:
                 on_progress(done, plan.num_frames)
             yield pixels
+            del pixels  # the consumer may drop the chunk before the next one is decoded
 
-    def decode(self, latents: Latents | torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def decode(self, latents: Latents | Array, **kwargs: Any) -> Array:
         """Decode to float pixels (B,3,T,H,W) in [-1,1] of the original size."""
-        return torch.cat(list(self.decode_stream(latents, **kwargs)), dim=2)
+        return tiling.concat_time(list(self.decode_stream(latents, **kwargs)))
 
 
-def _split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, logvar = moments.chunk(2, dim=1)
-    return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+class EncodeSession:
+    """Push frames as they are produced; each temporal chunk's latents come back as soon as its frames are in.
+
+    Holds at most one chunk of frames (spec 6.2), whatever the video's length. :meth:`push` takes frames in any
+    grouping (one frame, as a renderer makes them, or many; uint8 or float, as :meth:`VideoVAE.encode` takes) and
+    returns the (mean, logvar, plan) of every chunk completed; :meth:`finish` encodes the rest and returns the last
+    chunks, whose plan is the final one (the true frame count). When the last chunk ended on the last frame, finish
+    returns one item with empty arrays that still carries the final plan.
+    """
+
+    def __init__(self, vae: VideoVAE, *, total_frames: int | None = None,
+                 on_progress: ProgressFn | None = None) -> None:
+        self.vae, self.total_frames, self.on_progress = vae, total_frames, on_progress
+        self.streamer: tiling.StreamingEncoder | None = None
+        self.plan: VideoPlan | None = None
+        self.frames_done = 0
+        self._family: tuple[Any, Any] | None = None  # namespace and device of the frames, for an empty result
+
+    def push(self, frames: Any) -> list[MomentsChunk]:
+        """Add frames; return the latents of every chunk they completed (often none)."""
+        x = to_pixels(frames)
+        if x.shape[1] != self.vae.config.in_channels:
+            raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.vae.config.in_channels}")
+        if self.plan is None:
+            self.plan = self.vae.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
+            self.streamer = tiling.StreamingEncoder(self.vae.backend.encoder, self.plan,
+                                                    batch_tiles=self.vae.batch_tiles)
+        elif x.shape[3:] != (self.plan.height, self.plan.width):
+            raise InputError(f"frame size changed mid-stream from {self.plan.height}x{self.plan.width} to "
+                             f"{x.shape[3]}x{x.shape[4]}")
+        self.frames_done += x.shape[2]
+        self._family = arrays.namespace(x), arrays.array_device(x)
+        done = [(*_split_moments(moments), self.plan) for moments in self.streamer.push(tiling.pad_space(x, self.plan))]
+        if self.on_progress:
+            self.on_progress(self.frames_done, self.total_frames)
+        return done
+
+    def finish(self) -> list[MomentsChunk]:
+        """Encode what is left; the items carry the final plan."""
+        if self.streamer is None:
+            raise InputError("no frames to encode: the input is empty")
+        final = self.vae.plan(self.frames_done, self.plan.height, self.plan.width)
+        tail = list(self.streamer.finish())
+        if not tail:  # the last chunk ended on the last frame: still hand over the final plan
+            xp, device = self._family
+            empty = xp.empty((0,), dtype=xp.float32, device=device)
+            return [(empty, empty, final)]
+        return [(*_split_moments(moments), final) for moments in tail]
+
+
+def _split_moments(moments: Array) -> tuple[Array, Array]:
+    z = moments.shape[1] // 2
+    return moments[:, :z], arrays.namespace(moments).clip(moments[:, z:], *LOGVAR_CLAMP)
 
 
 def _selected_count(num_frames: int, kw: dict[str, Any]) -> int:
@@ -245,6 +309,7 @@ def export_cache_key(model: Any, config: Any) -> str:
     import json
 
     import onnx
+    import torch
 
     from .. import __version__
 
@@ -261,19 +326,16 @@ def export_cache_key(model: Any, config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_root() -> Path:
-    """``$CVVAE_CACHE``, else ``~/.cache/cvvae``."""
-    import os
-
-    return Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
-
-
 def cached_export(path: str | Path | None, *, precision: str) -> Path:
     """Export a checkpoint once into the user cache for the onnxruntime backend, and reuse it while it is valid.
 
     The entry's name carries :func:`export_cache_key`. An fp32 request also accepts an existing fp16 entry (it holds
     the fp32 graphs too).
     """
+    from ..extras import require
+
+    require("torch", "exporting a checkpoint for the onnxruntime backend (or pass an export directory)")
+    from ..export.manifest import load_manifest
     from ..export.to_onnx import ExportConfig, export_model
     from ..loading import load_model
 
@@ -288,6 +350,8 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
                for c in wanted]
     for entry in entries:
         if (entry / "manifest.json").exists():
+            # verified like any export (the backend checks again, from the hash cache): a tampered entry is refused
+            load_manifest(entry).check_files(fix=f"delete {entry}; it is exported again on the next run")
             return entry
     target = entries[0]
     log.warning("exporting %s to %s for the onnxruntime backend (once)", info.source, target)
@@ -295,3 +359,13 @@ def cached_export(path: str | Path | None, *, precision: str) -> Path:
     export_model(model, target, wanted[0], overwrite=target.exists())  # a leftover without manifest is replaced
     log.info("export took %.1f s", time.perf_counter() - t0)
     return target
+
+
+def shipped_graphs(precision: str = "fp32") -> Path | None:
+    """The built-in default model's ONNX export (package data next to its weights), if it holds ``precision``."""
+    from ..default_model import DEFAULT_GRAPHS
+    from ..export.manifest import load_manifest
+
+    if not (DEFAULT_GRAPHS / "manifest.json").exists():
+        return None
+    return DEFAULT_GRAPHS if precision in load_manifest(DEFAULT_GRAPHS).precisions("encoder") else None

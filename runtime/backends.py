@@ -1,48 +1,47 @@
 """Inference backends behind one small interface (runtime issue, spec section 6 executed by cvvae.tiling).
 
 A backend runs the two components on one tile: ``encoder(video) -> moments`` (mean and logvar concatenated on the
-channel axis, raw, before the logvar clamp) and ``decoder(latent) -> video``, as float32 torch tensors on the CPU or
-the backend's device. Padding, chunking, tiling and blending are the scheduler's job, so every backend runs the same
-plan. Optional packages (onnxruntime-gpu, tensorrt) are imported lazily; asking for a missing one says what to install.
+channel axis, raw, before the logvar clamp) and ``decoder(latent) -> video``, as float32 arrays of the family it was
+given (numpy in, numpy out; torch or CuPy on a GPU in, the same out; see :mod:`cvvae.arrays`). Padding,
+chunking, tiling and blending are the scheduler's job, so every backend runs the same plan. Optional packages (torch,
+onnxruntime-gpu, tensorrt, CuPy) are imported lazily; asking for a missing one says what to install.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import torch
 
+from .. import arrays
+from ..arrays import Array
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, InputError
+from ..extras import INSTALL_HINTS, is_installed, lazy_import, require
 from ..plan import PlanSettings
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BACKENDS", "INSTALL_HINTS", "Backend", "OnnxRuntimeBackend", "TorchBackend", "available_backends",
+           "default_backend", "is_installed", "lazy_import"]
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-INSTALL_HINTS = {
-    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers) - never both",
-    "tensorrt": "install TensorRT 10/11 for Python (pip install tensorrt from NVIDIA's index) on a CUDA machine",
-}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def lazy_import(module: str, feature: str) -> Any:
-    """Import an optional package, or raise a BackendUnavailableError saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        hint = INSTALL_HINTS.get(module.split(".")[0], f"pip install {module}")
-        raise BackendUnavailableError(f"{feature} needs the '{module}' package, which is not installed: {hint}") from e
+def torch_dtype(precision: str) -> Any:
+    """The torch dtype of a precision name (imports torch: torch backend only)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[precision])
 
 
-def is_installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def default_backend() -> str:
+    """``torch`` where PyTorch is installed, else ``onnxruntime`` (the torch-free base install)."""
+    return "torch" if is_installed("torch") else "onnxruntime"
 
 
 class Backend(Protocol):
@@ -54,9 +53,9 @@ class Backend(Protocol):
     plan_settings: PlanSettings
     identity: dict[str, Any]
 
-    def encoder(self, video: torch.Tensor) -> torch.Tensor: ...
+    def encoder(self, video: Array) -> Array: ...
 
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor: ...
+    def decoder(self, latent: Array) -> Array: ...
 
 
 @dataclass
@@ -70,11 +69,12 @@ class TorchBackend:
     @classmethod
     def load(cls, path: str | Path | None, *, device: str = "cpu", precision: str = "fp32",
              preset: str | None = None) -> "TorchBackend":
+        require("torch", "the torch backend")
         from ..loading import load_model
 
-        if precision not in TORCH_DTYPES:
-            raise InputError(f"torch backend precision must be one of {sorted(TORCH_DTYPES)}, not {precision!r}")
-        model = load_model(path, preset=preset, device=device, dtype=TORCH_DTYPES[precision])
+        if precision not in TORCH_DTYPE_NAMES:
+            raise InputError(f"torch backend precision must be one of {sorted(TORCH_DTYPE_NAMES)}, not {precision!r}")
+        model = load_model(path, preset=preset, device=device, dtype=torch_dtype(precision))
         return cls(model, precision)
 
     @property
@@ -92,25 +92,42 @@ class TorchBackend:
         return PlanSettings.from_config(self.config)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> Any:
         return self.model.device
 
-    @torch.no_grad()
-    def encoder(self, video: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder(video.to(self.model.device, self.model.dtype)).float()
+    def _run(self, module: Any, x: Array) -> Array:
+        import torch
 
-    @torch.no_grad()
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(latent.to(self.model.device, self.model.dtype)).float()
+        t = x if arrays.is_torch_array(x) else torch.from_dlpack(arrays.contiguous(x)) if arrays.on_cuda(x) \
+            else torch.from_numpy(arrays.to_numpy(x))
+        with torch.no_grad():
+            y = module(t.to(self.model.device, self.model.dtype)).float()
+        return arrays.like(y, x)
+
+    def encoder(self, video: Array) -> Array:
+        return self._run(self.model.encoder, video)
+
+    def decoder(self, latent: Array) -> Array:
+        return self._run(self.model.decoder, latent)
 
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-class OrtComponent:
-    """One ONNX graph in an InferenceSession; numpy in and out on CPU, IO binding with torch tensors on CUDA."""
+ORT_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
-    def __init__(self, path: Path, providers: list[Any], threads: int | None = None) -> None:
+
+class OrtComponent:
+    """One ONNX graph in an InferenceSession.
+
+    Host arrays run through ``session.run`` on numpy (zero-copy for numpy and CPU torch tensors). On the CUDA and
+    TensorRT providers, device arrays (torch, CuPy, any ``__cuda_array_interface__``/DLPack array) are bound in place
+    with IOBinding, and the outputs are allocated in the caller's array family on the same device and bound too, so
+    nothing crosses to the host. ``output_shapes`` gives each output's shape for an input shape.
+    """
+
+    def __init__(self, path: Path, providers: list[Any], threads: int | None = None,
+                 output_shapes: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None) -> None:
         ort = lazy_import("onnxruntime", "the onnxruntime backend")
         options = ort.SessionOptions()
         if threads:
@@ -118,26 +135,37 @@ class OrtComponent:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.inputs = self.session.get_inputs()
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.output_dtypes = [ORT_DTYPES[o.type] for o in self.session.get_outputs()]
         self.input_dtype = ORT_DTYPES[self.inputs[0].type]
+        self.output_shapes = output_shapes
         self.on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.on_cuda and x.is_cuda:
+    def __call__(self, x: Array) -> list[Array]:
+        if self.on_cuda and arrays.on_cuda(x):
             return self._run_bound(x)
-        array = np.ascontiguousarray(x.detach().cpu().numpy().astype(self.input_dtype, copy=False))
-        results = self.session.run(self.outputs, {self.inputs[0].name: array})
-        return [torch.from_numpy(r).float() for r in results]
+        feed = np.ascontiguousarray(arrays.to_numpy(x, self.input_dtype))
+        results = self.session.run(self.outputs, {self.inputs[0].name: feed})
+        return [arrays.like(r.astype(np.float32, copy=False), x) for r in results]
 
-    def _run_bound(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Zero-copy input from a CUDA torch tensor; outputs stay on the device and come back through DLPack."""
-        x = x.to(torch.float16 if self.input_dtype == np.float16 else torch.float32).contiguous()
+    def _run_bound(self, x: Array) -> list[Array]:
+        """Device input bound in place; outputs allocated like ``x`` on its device and bound (no host copies)."""
+        if self.output_shapes is None:
+            raise InputError("device arrays need the output shapes of this graph; load it through a backend")
+        xp = arrays.namespace(x)
+        index = arrays.cuda_device_index(x)
+        x = arrays.contiguous(xp.astype(x, getattr(xp, np.dtype(self.input_dtype).name), copy=False))
         binding = self.session.io_binding()
-        binding.bind_input(self.inputs[0].name, "cuda", x.device.index or 0, self.input_dtype, tuple(x.shape),
-                           x.data_ptr())
-        for name in self.outputs:
-            binding.bind_output(name, "cuda", x.device.index or 0)
+        binding.bind_input(self.inputs[0].name, "cuda", index, self.input_dtype, tuple(x.shape),
+                           arrays.data_pointer(x))
+        outputs = []
+        for name, dtype, shape in zip(self.outputs, self.output_dtypes, self.output_shapes(tuple(x.shape))):
+            y = xp.empty(shape, dtype=getattr(xp, np.dtype(dtype).name), device=arrays.array_device(x))
+            binding.bind_output(name, "cuda", index, dtype, shape, arrays.data_pointer(y))
+            outputs.append(y)
+        binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
-        return [torch.from_dlpack(v.to_dlpack()).float() for v in binding.get_outputs()]
+        binding.synchronize_outputs()
+        return [xp.astype(y, xp.float32, copy=False) for y in outputs]
 
 
 @dataclass
@@ -154,13 +182,17 @@ class OnnxRuntimeBackend:
     @classmethod
     def load(cls, export_dir: str | Path, *, device: str = "cpu", precision: str = "fp32",
              components: tuple[str, ...] = ("encoder", "decoder"), threads: int | None = None,
-             providers: list[Any] | None = None) -> "OnnxRuntimeBackend":
+             providers: list[Any] | None = None, stream: Any = None) -> "OnnxRuntimeBackend":
+        """Sessions for the graphs of ``export_dir``; ``stream`` (CUDA/TensorRT providers) is the caller's CUDA stream
+        (a raw ``cudaStream_t`` int, or a torch/CuPy stream) that ONNX Runtime then computes on."""
         from ..export.manifest import load_manifest
 
         ort = lazy_import("onnxruntime", "the onnxruntime backend")
         export_dir = Path(export_dir)
         manifest = load_manifest(export_dir)
-        providers = providers or ort_providers(ort, device)
+        providers = providers or ort_providers(ort, device, stream=stream)
+        cfg = manifest.model_config()
+        shapes = {"encoder": lambda s: [encoded_shape(cfg, s)] * 2, "decoder": lambda s: [decoded_shape(cfg, s)]}
         graphs = {}
         for component in ("encoder", "decoder"):
             if component not in components:
@@ -172,7 +204,8 @@ class OnnxRuntimeBackend:
                     f"{export_dir} has no {precision} {component} graph (it has: {', '.join(available) or 'none'}); "
                     f"export it with `cvvae export --precisions {precision}`"
                 )
-            graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads)
+            graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads,
+                                             output_shapes=shapes[component])
         return cls(export_dir, manifest, graphs["encoder"], graphs["decoder"], precision)
 
     @property
@@ -195,16 +228,38 @@ class OnnxRuntimeBackend:
             raise InputError(f"the {component} graph was not loaded; pass components including {component!r}")
         return graph
 
-    def encoder(self, video: torch.Tensor) -> torch.Tensor:
+    def encoder(self, video: Array) -> Array:
         mean, logvar = self._graph("encoder")(video)
-        return torch.cat([mean, logvar], dim=1)
+        return arrays.namespace(mean).concat([mean, logvar], axis=1)
 
-    def decoder(self, latent: torch.Tensor) -> torch.Tensor:
+    def decoder(self, latent: Array) -> Array:
         return self._graph("decoder")(latent)[0]
 
 
-def ort_providers(ort: Any, device: str) -> list[Any]:
-    """Execution providers for a device string: cpu, cuda[:N], tensorrt[:N]."""
+def encoded_shape(cfg: ModelConfig, video_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the mean (and of the logvar) the encoder makes of a B,C,T,H,W tile (spec 5: T = 1+4k)."""
+    b, _, t, h, w = video_shape
+    s = cfg.spatial_compress
+    return (b, cfg.latent_channels, (t - 1) // cfg.time_compress + 1, h // s, w // s)
+
+
+def decoded_shape(cfg: ModelConfig, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the pixels the decoder makes of a B,z,L,h,w latent tile."""
+    b, _, l, h, w = latent_shape
+    s = cfg.spatial_compress
+    return (b, cfg.out_channels, cfg.time_compress * (l - 1) + 1, h * s, w * s)
+
+
+def stream_pointer(stream: Any) -> int:
+    """The ``cudaStream_t`` of a torch stream (``cuda_stream``), a CuPy stream (``ptr``) or a raw int."""
+    for attr in ("cuda_stream", "ptr", "handle"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    return int(stream)
+
+
+def ort_providers(ort: Any, device: str, *, stream: Any = None) -> list[Any]:
+    """Execution providers for a device string: cpu, cuda[:N], tensorrt[:N]; ``stream`` sets user_compute_stream."""
     kind, _, index = device.partition(":")
     available = ort.get_available_providers()
     wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
@@ -217,7 +272,11 @@ def ort_providers(ort: Any, device: str) -> list[Any]:
             f"ONNX Runtime here offers {', '.join(available)}; {', '.join(missing)} needs onnxruntime-gpu "
             "(uninstall onnxruntime first: the two must not be installed together)"
         )
-    options = {"device_id": int(index or 0)}
+    options: dict[str, Any] = {"device_id": int(index or 0)}
+    if stream is not None:
+        if kind == "cpu":
+            raise InputError("a CUDA stream was given, but the device is cpu; pass device='cuda' or no stream")
+        options["user_compute_stream"] = str(stream_pointer(stream))  # ONNX Runtime docs: the pointer as a string
     return [(p, options) for p in wanted] + ["CPUExecutionProvider"]
 
 
@@ -234,11 +293,27 @@ BACKENDS: dict[str, Callable[..., Any]] = {"torch": TorchBackend.load, "onnxrunt
 
 def available_backends() -> dict[str, str]:
     """Backend name -> 'ok' or the reason it is unavailable (for `cvvae doctor`)."""
-    status = {"torch": "ok"}
+    status = {"torch": "ok" if is_installed("torch") else INSTALL_HINTS["torch"]}
     status["onnxruntime"] = "ok" if is_installed("onnxruntime") else INSTALL_HINTS["onnxruntime"]
     if is_installed("tensorrt"):
-        status["tensorrt"] = "ok" if torch.cuda.is_available() else "tensorrt is installed but no CUDA GPU is visible"
+        status["tensorrt"] = "ok" if cuda_device_count() else "tensorrt is installed but no CUDA GPU is visible"
     else:
         status["tensorrt"] = INSTALL_HINTS["tensorrt"]
     return status
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA GPUs, asked of torch or CuPy, whichever is installed (0 when neither is)."""
+    if is_installed("torch"):
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if is_installed("cupy"):
+        import cupy
+
+        try:
+            return int(cupy.cuda.runtime.getDeviceCount())
+        except Exception:  # noqa: BLE001 - CuPy raises its own CUDARuntimeError when no driver is present
+            return 0
+    return 0
 

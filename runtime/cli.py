@@ -21,9 +21,9 @@ from ..errors import InputError
 from ..codec_io import read_pixels, save_npy
 from ..fsutil import check_writable_target
 from ..latent_io import load_latents
+from ..arrays import to_numpy
 from .api import Latents, VideoVAE
-from .compare import format_table
-from .video_io import VideoWriter, probe_video, tensor_to_frames
+from .video_io import VideoWriter, output_kind, probe_video, tensor_to_frames
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 
@@ -34,8 +34,8 @@ def runtime_options(fn):
         click.option("--model", "model_path", default=None, metavar="PATH",
                      help="Checkpoint (torch), export dir (onnxruntime) or engine dir (tensorrt); random:PRESET for "
                           "random weights. Default: the built-in default model."),
-        click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
-                     show_default=True),
+        click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
+                     help="Default: torch where PyTorch is installed, else onnxruntime (the base install)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] (tensorrt[:N] for ORT's TRT EP)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32",
                      show_default=True),
@@ -157,7 +157,7 @@ def encode(input_path: Path, output: Path, model_path, backend, device, precisio
     latents, unbatched = encode_input(vae, input_path,
                                       read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_crop))
     if output.suffix == ".npy":  # mirrors the input's batching; .safetensors is always batched
-        save_npy(output, (latents.mean[0] if unbatched else latents.mean).numpy(), overwrite=force)
+        save_npy(output, to_numpy(latents.mean[0] if unbatched else latents.mean), overwrite=force)
     else:
         latents.save(output, overwrite=force)
     click.echo(f"{input_path} -> {output}: latent {tuple(latents.mean.shape)} for {latents.num_frames} frames "
@@ -179,7 +179,7 @@ def decode(input_path: Path, output: Path, model_path, backend, device, precisio
     """Decode latents to a video, PNG frames or .npy pixels."""
     if output.suffix == ".safetensors":
         raise InputError(f"decode writes a video, a PNG folder or .npy pixels, not {output}")
-    check_writable_target(output, overwrite=force)
+    check_writable_target(output, overwrite=force, kind="file" if output.suffix == ".npy" else output_kind(output))
     raw = load_latents(input_path)
     unbatched = raw.mean.ndim == 4  # (z, L, h, w), as encode writes for unbatched .npy pixels
     latents = Latents.from_file(raw)
@@ -188,7 +188,7 @@ def decode(input_path: Path, output: Path, model_path, backend, device, precisio
     if output.suffix == ".npy":
         with progress_bar("decode", latents.num_frames) as update:
             pixels = vae.decode(latents, on_progress=update, check_model=not ignore_model_mismatch)
-        save_npy(output, (pixels[0] if unbatched else pixels).numpy(), overwrite=force)
+        save_npy(output, to_numpy(pixels[0] if unbatched else pixels), overwrite=force)
         n = pixels.shape[2]
     else:
         if ignore_model_mismatch:
@@ -213,7 +213,7 @@ def reconstruct(video: Path, output: Path, model_path, backend, device, precisio
     """Encode and decode a video: same frame count, size and fps as the input."""
     from .video_io import iter_video_frames
 
-    check_writable_target(output, overwrite=force)
+    check_writable_target(output, overwrite=force, kind=output_kind(output))
     if save_latents:
         check_writable_target(save_latents, overwrite=force)
     rkw = read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_crop)
@@ -245,7 +245,8 @@ def reconstruct(video: Path, output: Path, model_path, backend, device, precisio
 def parity(input_path: Path, model_path, backends, precision, device, start, end, stride, max_frames, size,
            resize_short_side, center_crop, as_json, **plan_kw) -> None:
     """Per-component error table (max abs, mean abs, PSNR) between backends on the same input and plan."""
-    from .parity import run_parity
+    from ..compare import format_table
+    from ..tools.parity import run_parity
 
     rkw = read_kwargs(start, end, stride, max_frames, size, resize_short_side, center_crop)
     rows = run_parity(input_path, model_path, backends.split(","), precision=precision, device=device,

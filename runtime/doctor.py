@@ -1,4 +1,7 @@
-"""`cvvae doctor`: what this machine can run (backends, providers, GPUs, codecs, versions)."""
+"""`cvvae doctor`: what this machine can run (backends, providers, GPUs, codecs, versions).
+
+Works in the torch-free base install: the GPU listing asks torch where it is installed, else CuPy (docs/thin-runtime.md).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import importlib.metadata
 import platform
 from typing import Any
 
-import torch
-
-from .backends import available_backends, is_installed
+from ..extras import is_installed
+from .backends import available_backends, cuda_device_count, default_backend
 
 
 def _version(dist: str) -> str:
@@ -19,30 +21,55 @@ def _version(dist: str) -> str:
 
 
 def collect() -> dict[str, dict[str, Any]]:
-    from ..loading import DEFAULT_MODEL_DIR
+    from ..default_model import DEFAULT_GRAPHS, DEFAULT_MODEL_DIR
 
     versions = {name: _version(name) for name in ("cvvae-deploy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu",
-                                                  "av", "numpy", "tensorrt", "polygraphy", "ray")}
+                                                  "av", "numpy", "array-api-compat", "cupy-cuda12x", "tensorrt",
+                                                  "polygraphy", "ray")}
     versions["python"] = platform.python_version()
-    gpus = {"cuda available": torch.cuda.is_available()}
-    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        props = torch.cuda.get_device_properties(i)
-        gpus[f"cuda:{i}"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
+    return {
+        "backends": {**available_backends(), "default": default_backend()},
+        "providers": _providers(),
+        "gpus": _gpus(),
+        "versions": versions,
+        "default model": {"path": str(DEFAULT_MODEL_DIR),
+                          "present": (DEFAULT_MODEL_DIR / "config.json").exists(),
+                          "onnx graphs": str(DEFAULT_GRAPHS) if (DEFAULT_GRAPHS / "manifest.json").exists()
+                          else "missing (run scripts/export_default_graphs.py)"},
+    }
+
+
+def _gpus() -> dict[str, Any]:
+    """CUDA GPUs as torch (where installed) or CuPy describe them."""
+    count = cuda_device_count()
+    gpus: dict[str, Any] = {"cuda available": count > 0}
+    if is_installed("torch"):
+        import torch
+
+        for i in range(count):
+            props = torch.cuda.get_device_properties(i)
+            gpus[f"cuda:{i}"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
+    elif count:
+        import cupy
+
+        for i in range(count):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            gpus[f"cuda:{i}"] = (f"{props['name'].decode()}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
+                                 f"sm_{props['major']}{props['minor']}")
+    elif not is_installed("cupy"):
+        gpus["note"] = "GPUs are listed through torch or CuPy; neither is installed"
+    return gpus
+
+
+def _providers() -> dict[str, Any]:
     providers: dict[str, Any] = {}
     if is_installed("onnxruntime"):
         import onnxruntime as ort
 
         providers["onnxruntime providers"] = ", ".join(ort.get_available_providers())
-    if versions["onnxruntime"] != "not installed" and versions["onnxruntime-gpu"] != "not installed":
+    if _version("onnxruntime") != "not installed" and _version("onnxruntime-gpu") != "not installed":
         providers["WARNING"] = "onnxruntime and onnxruntime-gpu are both installed; uninstall one of them"
     import av
 
     providers["h264 encoder"] = "libx264" if "libx264" in av.codecs_available else "missing (mpeg4 fallback)"
-    return {
-        "backends": available_backends(),
-        "providers": providers,
-        "gpus": gpus,
-        "versions": versions,
-        "default model": {"path": str(DEFAULT_MODEL_DIR),
-                          "present": (DEFAULT_MODEL_DIR / "config.json").exists()},
-    }
+    return providers

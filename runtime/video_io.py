@@ -22,8 +22,6 @@ import errno
 import logging
 import numbers
 import os
-import secrets
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -35,6 +33,7 @@ import av
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import make_temp, publish, remove_tree, replace_problem
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +372,13 @@ class _AvSink:
         self.container.close()
 
 
+def output_kind(path: PathLike) -> str:
+    """What :class:`VideoWriter` makes at ``path``, as a :data:`cvvae.fsutil.KINDS` name: "file" for a video
+    container suffix, else "png" (a folder of frames)."""
+    trailing_slash = str(path).endswith(("/", os.sep))
+    return "file" if Path(path).suffix.lower() in VIDEO_CONTAINERS and not trailing_slash else "png"
+
+
 class VideoWriter:
     """Write RGB uint8 frames to a video file or a PNG directory, atomically.
 
@@ -382,7 +388,7 @@ class VideoWriter:
     use H.264 (libx264, yuv420p; yuv444p for odd sizes, which 4:2:0 cannot represent) or
     mpeg4 when libx264 is missing; WebM uses VP9. ``crf`` is the constant-quality factor.
 
-    Frames go to a hidden ``.<name>.tmp-XXXX`` sibling that replaces ``path`` on a clean
+    Frames go to a hidden ``.<name>.cvvae-tmp-<pid>-XXXX`` sibling published at ``path`` on a clean
     :meth:`close` (or ``with`` exit). On an exception, :meth:`abort`, or a close without any
     frame (which raises VideoError), the temporary output is removed and nothing is left.
     """
@@ -416,27 +422,30 @@ class VideoWriter:
         self._closed = False
         self._tmp = self._make_tmp()
 
+    @property
+    def kind(self) -> str:
+        """What ``--force`` may replace at ``path`` (:data:`cvvae.fsutil.KINDS`): a PNG folder or a file."""
+        return "png" if self.is_png else "file"
+
     def _check_target(self) -> None:
         if not self.overwrite and os.path.lexists(self.path):
             raise FileExistsError(
                 f"output already exists: {self.path}; pass --force (CLI) or overwrite=True to replace it"
             )
+        problem = os.path.lexists(self.path) and replace_problem(self.path, self.kind)
+        if problem:
+            raise FileExistsError(f"refusing to replace output {self.path} with --force: {problem}; "
+                                  "remove it yourself or choose another path")
 
     def _make_tmp(self) -> Path:
-        parent = self.path.parent
-        # Not tempfile.mkstemp/mkdtemp: those create 0600/0700 entries that would end up as the
-        # final output; touch()/mkdir() honour the umask like a normal file write.
-        suffix = "" if self.is_png else self.path.suffix
-        tmp = parent / f".{self.path.name}.tmp-{secrets.token_hex(4)}{suffix}"
+        # fsutil.make_temp names it .<name>.cvvae-tmp-<pid>-<hex>, honours the umask and removes the temporaries
+        # that killed runs left for this target
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            if self.is_png:
-                tmp.mkdir()
-            else:
-                tmp.touch(exist_ok=False)
+            tmp, self._lock_fd = make_temp(self.path, directory=self.is_png)
         except OSError as exc:
             # OSError(errno, ...) becomes PermissionError, NotADirectoryError, ... as appropriate;
             # mkdir over an existing *file* reports EEXIST, which really means "not a directory".
+            parent = self.path.parent
             code = errno.ENOTDIR if exc.errno == errno.EEXIST else exc.errno
             raise OSError(
                 code,
@@ -493,18 +502,13 @@ class VideoWriter:
             if self._sink is None:
                 raise VideoError(f"no frames were written to {self.path}; nothing was saved")
             self._sink.close()
-            self._check_target()  # something may have appeared at path since __init__
-            old = None
-            if os.path.lexists(self.path) and (self.is_png or self.path.is_dir()):
-                # os.replace cannot put a directory over anything, nor a file over a directory
-                old = self.path.with_name(f".{self.path.name}.old-{secrets.token_hex(4)}")
-                self.path.rename(old)
-            os.replace(self._tmp, self.path)
-            if old is not None:
-                _remove(old)
+            # fails if something appeared at path meanwhile; with overwrite, replaces only an output of ours
+            publish(self._tmp, self.path, overwrite=self.overwrite, kind=self.kind)
         except BaseException:
-            _remove(self._tmp)
+            remove_tree(self._tmp)
             raise
+        finally:
+            os.close(self._lock_fd)
         log.info("wrote %d frames %dx%d to %s", self._sink.count, self._hw[1], self._hw[0], self.path)
 
     def abort(self) -> None:
@@ -515,15 +519,8 @@ class VideoWriter:
         if self._sink is not None:
             with suppress(Exception):
                 self._sink.abort()
-        _remove(self._tmp)
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, link or directory tree if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+        remove_tree(self._tmp)
+        os.close(self._lock_fd)
 
 
 def write_video(path: PathLike, frames: np.ndarray, fps: float | Fraction, **kwargs: Any) -> Path:

@@ -1,4 +1,7 @@
-"""Shared fixtures: golden data from the official implementation, tiny models, thread limits."""
+"""Shared fixtures: golden data from the official implementation, tiny models, thread limits.
+
+Imports without PyTorch: tests/thin runs in the torch-free base install (docs/thin-runtime.md) with this conftest.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,21 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
+
+from cvvae.arrays import to_numpy
+from cvvae.extras import is_installed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CVVAE_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
 VIDEOS = SHARED / "data" / "videos"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if is_installed("torch"):
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def golden_dir(name: str) -> Path:
@@ -53,6 +62,7 @@ def tiny_sd3():
     return create_model("tiny-sd3", seed=0)
 
 
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
+def max_abs(a, b) -> float:
+    """Largest absolute difference of two arrays of any family (numpy, torch, ...), in float32."""
+    assert tuple(a.shape) == tuple(b.shape), f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return float(np.abs(to_numpy(a, np.float32) - to_numpy(b, np.float32)).max())

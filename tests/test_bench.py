@@ -16,8 +16,8 @@ from cvvae import tiling
 from cvvae.config import preset
 from cvvae.errors import InputError
 from cvvae.plan import PlanSettings, make_plan
-from cvvae.runtime.bench import BenchConfig, Target, load_result, run_bench, write_results
-from cvvae.runtime.flops import FlopCounter, module_flops, tile_calls
+from cvvae.tools.bench import BenchConfig, Target, load_result, run_bench, write_results
+from cvvae.tools.flops import FlopCounter, module_flops, tile_calls
 
 
 @pytest.mark.parametrize("cin,cout,t,h,w,padding", [(4, 8, 5, 6, 7, 1), (3, 16, 9, 8, 8, 1), (8, 8, 3, 5, 5, 0)])
@@ -74,7 +74,7 @@ def test_config_checks_come_first():
 
 
 def test_cli_rejects_bad_frames_before_loading_anything():
-    from cvvae.runtime.bench_cli import bench
+    from cvvae.tools.bench_cli import bench
 
     result = CliRunner().invoke(bench, ["--frames", "17,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
@@ -127,7 +127,7 @@ def test_tiny_bench_reports_ratios_gflops_and_memory(tmp_path, tiny_export):
 
     pytest.importorskip("matplotlib")
     out = write_results(result, tmp_path / "bench")
-    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md"} | {
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", ".cvvae-output.json"} | {
         f"{str(tiny_export).replace('/', '-').strip('-')}-{op}.png" for op in ("encode", "decode", "roundtrip")}
     assert json.loads((out / "bench.json").read_text())["format"] == "cvvae-bench/1"
     assert load_result(out / "bench.json").markdown() == table

@@ -131,7 +131,7 @@ def test_int8_runs_through_the_runtime_with_the_same_plan(calibrated):
     int8 = VideoVAE.load(out, backend="onnxruntime", precision="int8", threads=1)
     plan = int8.plan(9, 48, 72)
     assert plan.num_tiles == 2 and plan == fp32.plan(9, 48, 72)  # tile 64 px: two tiles across
-    a, b = fp32.encode(frames), int8.encode(frames)
+    a, b = fp32.encode(torch.from_numpy(frames)), int8.encode(torch.from_numpy(frames))  # torch in, torch out
     assert b.mean.shape == a.mean.shape == (1, 4, 3, 6, 9) and b.metadata["precision"] == "int8"
     ya, yb = fp32.decode(a), int8.decode(b)
     assert yb.shape == ya.shape == (1, 3, 9, 48, 72) and torch.isfinite(yb).all()
@@ -146,7 +146,7 @@ def test_accuracy_report(calibrated, tmp_path):
                                   "--max-frames", "5", "--size", "32x48", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert {p.name for p in report.iterdir()} == {"report.md", "report.json", "per_frame_psnr.png",
-                                                 "side_by_side.png"}
+                                                 "side_by_side.png", ".cvvae-output.json"}
     data = json.loads((report / "report.json").read_text())
     rows = {(s["precision"], s["component"]): s for s in data["summary"]}
     assert set(rows) == {(p, c) for p in ("fp32", "fp16", "int8") for c in ("encoder", "decoder", "round_trip")}

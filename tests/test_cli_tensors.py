@@ -69,7 +69,7 @@ def test_bad_tensor_inputs(tmp_path):
         r = run("encode", str(tmp_path / name), "-o", str(tmp_path / "z.safetensors"), *MODEL)
         assert r.exit_code != 0 and message in r.output, r.output
     assert not (tmp_path / "z.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".cvvae-tmp-" in p.name]
 
 
 def test_decode_refuses_latents_of_another_model(tmp_path):

@@ -261,8 +261,10 @@ def test_kill_midway_then_rerun_keeps_finished_shards(tmp_path, small_videos):
     journal = (out / "journal.jsonl").read_text().splitlines()
     assert [json.loads(line)["shard"] for line in journal] == ["000000", "000001"]
     before = {s: _stat(out / f"shards/shard-{s}.safetensors") for s in ("000000", "000001")}
-    stale = out / "shards" / ".shard-000002.safetensors.tmp-abc123.safetensors"  # as a kill mid-write leaves
+    # as a kill mid-write leaves (pid 4194305 is above pid_max: a dead writer)
+    stale = out / "shards" / ".shard-000002.safetensors.cvvae-tmp-4194305-abc12345.safetensors"
     stale.write_bytes(b"partial")
+    (out / "shards" / ".tmpX7kQ2z").write_bytes(b"a shard safetensors' save_file was writing (older versions)")
     with open(out / "journal.jsonl", "a") as f:  # and a journal line cut short
         f.write('{"shard": "000002", "fi')
 

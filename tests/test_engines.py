@@ -394,7 +394,7 @@ def test_sidecar_json_round_trip(tmp_path):
 
 # ----- engines built with trtexec: sidecars at print time, checked and recorded at first load -------------------------
 class FakeEngine:
-    """The ICudaEngine inspection methods engine_check uses, over plain data (DataType names as TensorRT spells them)."""
+    """The ICudaEngine inspection methods engine_check uses, over plain data (DataType names spelled as TensorRT's)."""
 
     def __init__(self, tensors: dict[str, tuple[str, str, list[int]]], profiles: list[dict[str, tuple]]) -> None:
         self.tensors, self.profiles = tensors, profiles

@@ -60,7 +60,7 @@ def sd3_export(tmp_path_factory):
 
 def _no_leftovers(parent: Path, name: str) -> None:
     assert not (parent / name).exists()
-    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.cvvae-tmp-")]
 
 
 # ----- parity ---------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_bad_inputs_fail_cleanly(case, tmp_path, golden_v1):
     assert expect in r.output, r.output
     if case == "exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.cvvae-tmp-")]
     else:
         _no_leftovers(tmp_path, "out")
 

@@ -124,7 +124,8 @@ def test_save_load_round_trip(tiny, tmp_path):
     with pytest.raises(FileExistsError):
         save_image_vae(tiny, folder)
     save_image_vae(tiny, folder, overwrite=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".cvvae-output.json", "config.json",
+                                                       "diffusion_pytorch_model.safetensors"]  # marker: ours
     assert [p.name for p in tmp_path.iterdir()] == ["vae"]  # no temporary leftovers
     assert load_image_vae(folder, dtype=torch.float64).dtype == torch.float64
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, VIDEOS
-from cvvae.runtime.report import ReportConfig, build_report, nice_ceil, shown_frame_indices
+from cvvae.tools.report import ReportConfig, build_report, nice_ceil, shown_frame_indices
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -111,7 +111,7 @@ def test_report_page_is_complete_and_offline(report):
     assert ort_fp32.max_abs_vs_first < 1e-3 and ort_fp16.max_abs_vs_first < 5e-2
     assert all(len(r.psnr_per_frame) == len(r.ssim_per_frame) == 5 for r in report.results)
     assert (report.directory / "report.json").exists()
-    assert not list(report.directory.parent.glob(".out.tmp-*"))  # written atomically: no temporary left
+    assert not list(report.directory.parent.glob(".out.cvvae-tmp-*"))  # written atomically: no temporary left
 
 
 def test_report_refuses_an_existing_directory(report):

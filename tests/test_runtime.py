@@ -62,7 +62,7 @@ def test_input_formats_agree(vae):
     (np.zeros((5, 24, 32, 4), np.uint8), "RGB"),
     (np.zeros((2, 5, 24, 32), np.float32), "(B,3,T,H,W)"),
     (np.zeros((5, 24, 32, 3), np.int32), "not supported"),
-    ([1, 2, 3], "numpy array or a torch tensor"),
+    ([1, 2, 3], "numpy array or a DLPack-capable array"),
 ])
 def test_bad_inputs(vae, bad, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):

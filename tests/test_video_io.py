@@ -177,9 +177,13 @@ def test_existing_output_needs_overwrite(tmp_path: Path, name: str) -> None:
     with pytest.raises(FileExistsError, match=r"--force .*overwrite=True"):
         VideoWriter(target, 30)
     assert target.read_bytes() == b"precious" and leftovers(tmp_path) == [name]
+    if name == "frames":  # overwrite replaces an output of the same kind only: a PNG folder, not a file
+        with pytest.raises(FileExistsError, match="it is a file, and this output is a png folder"):
+            write_video(target, gradient_video(2, 16, 16), 30, overwrite=True)
+        assert target.read_bytes() == b"precious" and leftovers(tmp_path) == [name]
+        return
     write_video(target, gradient_video(2, 16, 16), 30, overwrite=True)
-    assert leftovers(tmp_path) == [name]
-    assert target.is_dir() if name == "frames" else probe_video(target).num_frames == 2
+    assert leftovers(tmp_path) == [name] and probe_video(target).num_frames == 2
 
 
 def test_overwrite_replaces_png_directory(tmp_path: Path) -> None:
@@ -232,10 +236,14 @@ def test_unwritable_output_directory(tmp_path: Path) -> None:
 
 def test_permission_denied_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Simulated: chmod cannot lock out root, which these tests may run as.
-    def deny(self: Path, *args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "touch", deny)
+    def deny(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_CREAT:  # creating the temporary output
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(PermissionError, match=r"Permission denied; make sure .*locked is a writable dir"):
         VideoWriter(tmp_path / "locked" / "out.mp4", 30)
 

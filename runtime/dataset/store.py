@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cvvae.fsutil import atomic_path, sha256_file
+from cvvae.fsutil import TEMP_TAG, atomic_path, remove_tree, sha256_file
 
 from .clips import Clip, ShardSpec
 from .common import FORMAT, DatasetError, utc_now
@@ -31,12 +31,6 @@ SHARD_FORMAT = "cvvae-dataset-shard/1"
 SHARD_HEADER_KEY = "cvvae_shard"  # the one safetensors metadata entry: JSON of format, shard, model, clips, ...
 KILL_AFTER_ENV = "CVVAE_DATASET_KILL_AFTER_SHARDS"  # fault injection: SIGKILL this process after N commits
 INDEX_FLUSH_S = 5.0
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass
@@ -78,9 +72,12 @@ class DatasetDir:
 
     def remove_temporaries(self) -> list[Path]:
         """Delete the temporary files a killed run left (call with the lock held: no writer is running)."""
-        stale = [p for d in (self.root, self.root / "shards") if d.is_dir() for p in d.glob(".*.tmp-*")]
+        # fsutil's .NAME.cvvae-tmp-PID-HEX names; of earlier versions, .NAME.tmp-HEX and the .tmpXXXXXX that
+        # safetensors' save_file made for a shard (both folders are this dataset's alone, and locked)
+        stale = [p for d in (self.root, self.root / "shards") if d.is_dir()
+                 for pattern in (f".*{TEMP_TAG}*", ".*.tmp-*", ".tmp??????") for p in d.glob(pattern)]
         for path in stale:
-            path.unlink(missing_ok=True)
+            remove_tree(path)
         if stale:
             log.info("removed %d temporary files of an interrupted run", len(stale))
         return stale
@@ -259,7 +256,7 @@ class ShardWriter:
             self.flush()
 
     def _commit(self, spec: ShardSpec, results: list[dict[str, Any]]) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save as safetensors_bytes
 
         identity = json.loads(results[0]["identity"])
         if self.state.model is None:
@@ -299,8 +296,7 @@ class ShardWriter:
         # one metadata entry: safetensors writes several in random order, one keeps the bytes reproducible
         metadata = {SHARD_HEADER_KEY: json.dumps(header, sort_keys=True)}
         with atomic_path(path, overwrite=True) as tmp:  # a file left by a killed run is not in the journal
-            save_file(tensors, str(tmp), metadata=metadata)
-            tmp.chmod(0o666 & ~_umask())  # safetensors recreates the file with mkstemp's private mode
+            tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))  # not save_file: no private temporary
         entry = {"shard": spec.shard_id, "file": spec.file, "fingerprint": self.plan.fingerprint,
                  "sha256": sha256_file(path), "bytes": path.stat().st_size, "clips": len(spec.clips),
                  "encoded": len(records), "frames": sum(c["num_frames"] for c in records), "errors": errors,

@@ -69,7 +69,7 @@ class ClipEncoder:
             return out
         t0 = time.perf_counter()
         try:
-            latents = self.vae.encode(np.array(row["frames"]))  # a copy: Ray hands over read-only buffers
+            latents = self.vae.encode(torch.from_numpy(np.array(row["frames"])))  # a copy: Ray's buffers are read-only
             mean, logvar = latents.mean.float().cpu(), latents.logvar.float().cpu()
             if self.spec.latents == "sample":
                 clip_id = json.loads(row["clip"])["clip_id"]

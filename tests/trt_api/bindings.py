@@ -110,9 +110,10 @@ def fetch_wheel(release: Release, cache: Path | None = None, *, timeout: float =
     """The release's wheel for this Python, from the cache or downloaded by pip (both checked against the hashes)."""
     cache = cache or cache_dir()
     wheels = cache / "wheels"
+    tag = f"-cp{sys.version_info[0]}{sys.version_info[1]}-"   # the wheels hold a module built for one CPython
     for name, sha in release.sha256.items():
         path = wheels / name
-        if path.is_file() and _sha256(path) == sha:
+        if tag in name and path.is_file() and _sha256(path) == sha:
             return path
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
@@ -205,8 +206,12 @@ def prepare(major: str, cache: Path | None = None) -> Bindings:
                 raise BindingsUnavailable(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
         (tmp / "stamp.json").write_text(stamp)
         if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process prepared it meanwhile: use theirs when it is this release
+            if not ((root / "stamp.json").is_file() and (root / "stamp.json").read_text() == stamp):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Bindings(release, root / "site", root / "lib")

@@ -28,7 +28,7 @@ import torch
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
 from cvvae.metrics import psnr, psnr_per_frame, ssim_video, to_uint8_frames
-from cvvae.runtime.bench import Target, onnx_export_for
+from cvvae.tools.bench import Target, onnx_export_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ REPORT_PACKAGES = {"matplotlib": "matplotlib", "skimage": "scikit-image"}  # imp
 
 def require_report_packages() -> None:
     """Fail before any work when the plotting/SSIM packages are missing, naming what to install."""
-    from cvvae.runtime.backends import is_installed
+    from cvvae.extras import is_installed
 
     missing = [pip for module, pip in REPORT_PACKAGES.items() if not is_installed(module)]
     if missing:
@@ -153,7 +153,7 @@ def _load_vae(target: Target, model_spec: str | None, export_dir: Path | None, t
     from cvvae.runtime.api import VideoVAE
 
     if target.backend == "torch":
-        from cvvae.runtime.parity import checkpoint_of
+        from cvvae.tools.parity import checkpoint_of
 
         return VideoVAE.load(checkpoint_of(model_spec), backend="torch", precision=target.precision)
     if target.backend == "onnxruntime":
@@ -175,13 +175,13 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
                  on_progress: Progress | None = None) -> Report:
     """Reconstruct ``input_path`` with every target of ``config`` and write the report into ``out_dir``."""
     from cvvae.fsutil import check_writable_target
-    from cvvae.runtime.backends import is_installed
-    from cvvae.runtime.parity import load_input
+    from cvvae.extras import is_installed
+    from cvvae.tools.parity import load_input
 
     config = config or ReportConfig()
     say = on_progress or (lambda msg: log.info("%s", msg))
     out_dir = Path(out_dir)
-    check_writable_target(out_dir, overwrite=overwrite, what="report directory")
+    check_writable_target(out_dir, overwrite=overwrite, what="report directory", kind="report")
     require_report_packages()
     if threads := config.threads:
         torch.set_num_threads(threads)
@@ -221,7 +221,7 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
                                                                             for s in skipped))
     shown = shown_frame_indices(x.shape[2], config.shown_frames)
     heat_max = config.heat_max or auto_heat_max(x, recons[0][1], shown)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="report") as tmp:
         (tmp / "images").mkdir()
         originals = _save_originals(x, shown, tmp)
         results = [_evaluate(target, recon, x, recons[0][1], enc_s, dec_s, shown, tmp, heat_max, first=i == 0)

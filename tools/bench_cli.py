@@ -13,10 +13,10 @@ import click
 from cvvae.cli import handle_errors
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import check_writable_target
-from cvvae.runtime.backends import is_installed
-from cvvae.runtime.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
+from cvvae.extras import is_installed
+from cvvae.tools.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
 from cvvae.runtime.cli import read_kwargs, video_read_options
-from cvvae.runtime.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
+from cvvae.tools.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -66,7 +66,7 @@ def bench(models, quick, targets, ops, frames, frame_size, sizes, size_frames, r
     """Time the PyTorch reference and every backend/precision on the same inputs: ms/frame, fps, GFLOP/s against
     the machine's GEMM peak, peak memory, and the ratio to the reference."""
     if out_dir is not None:
-        check_writable_target(out_dir, overwrite=force, what="bench output directory")
+        check_writable_target(out_dir, overwrite=force, what="bench output directory", kind="bench")
         if not no_plots and not is_installed("matplotlib"):
             raise BackendUnavailableError("the bench plots need matplotlib: pip install matplotlib (or pass --no-plots)")
     overrides = {

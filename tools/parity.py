@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..codec_io import read_pixels
-from ..errors import InputError
-from .api import VideoVAE
-from .compare import ErrorStats, compare
+from cvvae.codec_io import read_pixels
+from cvvae.errors import InputError
+from cvvae.runtime.api import VideoVAE
+from cvvae.compare import ErrorStats, compare
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 def load_input(path: Path, read_kwargs: dict[str, Any]) -> torch.Tensor:
     """B,3,T,H,W pixels from a .npy file or a video."""
     if path.suffix == ".npy":
-        x = read_pixels(path)
+        x = torch.from_numpy(read_pixels(path))
         return x if x.ndim == 5 else x.unsqueeze(0)
-    from .video_io import frames_to_tensor, read_video
+    from cvvae.runtime.video_io import frames_to_tensor, read_video
 
     frames, _ = read_video(path, **read_kwargs)
     return torch.from_numpy(frames_to_tensor(frames)).unsqueeze(0)
@@ -30,8 +30,8 @@ def load_input(path: Path, read_kwargs: dict[str, Any]) -> torch.Tensor:
 def checkpoint_of(model_path: str | None) -> str | None:
     """The checkpoint behind an export directory (its manifest records it), else the path itself."""
     if model_path and (Path(model_path) / "manifest.json").exists():
-        from ..engines.sidecar import is_engine_dir, load_engine_dir
-        from ..export.manifest import load_manifest
+        from cvvae.engines.sidecar import is_engine_dir, load_engine_dir
+        from cvvae.export.manifest import load_manifest
 
         path = Path(model_path)
         source = (load_engine_dir(path) if is_engine_dir(path) else load_manifest(path)).checkpoint.get("source")

@@ -5,7 +5,7 @@ executing the plan) and each target of the runtime (``VideoVAE`` on torch fp32/b
 TensorRT) on identical pixels and latents, for encode, decode and the round trip, over a frame-count sweep and a size
 sweep. Each measurement is warm-up runs (on the first chunk of the same size) then ``reps`` timed runs; the figure is
 the median. Alongside: ms per frame, frames per second, achieved GFLOP/s (FLOPs of the plan from
-:mod:`cvvae.runtime.flops`), that rate as a fraction of the machine's fp32 GEMM rate measured in the same run
+:mod:`cvvae.tools.flops`), that rate as a fraction of the machine's fp32 GEMM rate measured in the same run
 (:func:`gemm_peak`), the time relative to the reference, peak memory, and the 1-minute load average.
 
 Peak memory on CPU is the kernel's peak RSS (VmHWM) after a reset (``/proc/self/clear_refs`` = 5) taken just before
@@ -35,7 +35,7 @@ import torch
 from cvvae.durations import format_duration
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
-from cvvae.runtime.flops import FlopCounter
+from cvvae.tools.flops import FlopCounter
 
 log = logging.getLogger(__name__)
 
@@ -445,19 +445,19 @@ def _open_target(target: Target, model: Any, model_spec: str | None, export_dir:
                  cfg: BenchConfig) -> dict[str, OpFn]:
     """The ops of a target; raises BackendUnavailableError/InputError with the reason it cannot run."""
     from cvvae.runtime.api import VideoVAE
-    from cvvae.runtime.backends import TORCH_DTYPES, TorchBackend
+    from cvvae.runtime.backends import TORCH_DTYPE_NAMES, TorchBackend, torch_dtype
 
     if target.backend == "reference":
         return reference_ops(model)
     if target.backend == "torch":
-        if target.precision not in TORCH_DTYPES:
-            raise InputError(f"torch runs {', '.join(TORCH_DTYPES)}, not {target.precision}")
+        if target.precision not in TORCH_DTYPE_NAMES:
+            raise InputError(f"torch runs {', '.join(TORCH_DTYPE_NAMES)}, not {target.precision}")
         if target.precision == "fp32":
             impl = TorchBackend(model, "fp32")  # the reference's own weights: no second copy
         else:
             import copy
 
-            impl = TorchBackend(copy.deepcopy(model).to(TORCH_DTYPES[target.precision]), target.precision)
+            impl = TorchBackend(copy.deepcopy(model).to(torch_dtype(target.precision)), target.precision)
         return runtime_ops(VideoVAE(impl))
     if target.backend == "onnxruntime":
         if export_dir is None:
@@ -561,7 +561,7 @@ class _Counter:
 def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> BenchResult:
     """Measure every model x case x op x target of ``cfg`` in this process (see the module docstring)."""
     from cvvae.loading import DEFAULT_MODEL_DIR, load_model
-    from cvvae.runtime.backends import is_installed
+    from cvvae.extras import is_installed
 
     say = on_progress or (lambda msg: log.info("%s", msg))
     started, t_start = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), time.perf_counter()
@@ -598,7 +598,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Progress | None = None) -> Bench
 
 
 def _measure_gemm(cfg: BenchConfig, result: BenchResult, when: str, say: Progress) -> None:
-    from cvvae.runtime.backends import is_installed
+    from cvvae.extras import is_installed
 
     engines = [e for e in GEMM_ENGINES if e == "torch" or (cfg.device == "cpu" and is_installed("onnxruntime"))]
     for engine in engines:
@@ -615,7 +615,7 @@ def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: 
     Interleaving spreads the machine's background load evenly over the targets, so the ratios to the reference stay
     meaningful on a shared machine; all targets are loaded at once for that (``loaded_mb`` says what each added).
     """
-    from cvvae.runtime.parity import checkpoint_of
+    from cvvae.tools.parity import checkpoint_of
 
     export_dir = None
     ort_precisions = tuple(t.precision for t in targets if t.backend == "onnxruntime")
@@ -838,7 +838,7 @@ def write_results(result: BenchResult, out_dir: str | Path, *, overwrite: bool =
     import json
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(out_dir, overwrite=overwrite, directory=True, kind="bench") as tmp:
         (tmp / "bench.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
         (tmp / "bench.md").write_text(result.markdown())
         if plots:
