@@ -109,10 +109,18 @@ def train_command(config_path, run_dir, resume, max_steps, max_minutes, threads,
               help="Resize to this height (width keeps the aspect, multiple of 8).")
 @click.option("--mapping", type=click.Choice(["slice", "mean", "first", "random"]), default="slice",
               show_default=True, help="Which input frames the image decoder's output is compared with.")
+@click.option("--whole", is_flag=True,
+              help="Evaluate every non-overlapping 17-frame window of the whole clip (ignores --frames): mean, "
+                   "worst window, key frames vs in-between frames (cvvae.clip_eval).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="With --whole: write a per-frame PSNR plot (PNG) here.")
 @click.option("--threads", type=int, default=None, help="torch threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def compat_command(model_path, image_vae_path, clip, frames, height, mapping, threads, as_json) -> None:
-    """Reconstruction quality of a CV-VAE and how well the image VAE's decoder reads its latents."""
+def compat_command(model_path, image_vae_path, clip, frames, height, mapping, whole, plot_path, threads,
+                   as_json) -> None:
+    """Reconstruction quality of a CV-VAE and how well the image VAE's decoder reads its latents.
+
+    ``--model`` may also be a training run directory or checkpoint (read at its last checkpoint)."""
     import torch
 
     from .compat import measure_compat
@@ -123,9 +131,22 @@ def compat_command(model_path, image_vae_path, clip, frames, height, mapping, th
 
     if threads:
         torch.set_num_threads(threads)
+    if plot_path and not whole:
+        raise click.UsageError("--plot needs --whole (the per-frame plot is of the whole-clip evaluation)")
+    if whole and mapping != "slice":
+        raise click.UsageError("--whole compares latent frames with key frames 0, 4, 8, ...: use --mapping slice")
     try:
-        video_vae = load_model(model_path)
+        if Path(model_path).exists() and (Path(model_path).is_file() and model_path.endswith(".pt")
+                                          or (Path(model_path) / "checkpoint.pt").exists()):
+            from .trainer import load_trained_model
+
+            video_vae = load_trained_model(model_path)[0]
+        else:
+            video_vae = load_model(model_path)
         image_vae = load_image_vae(image_vae_path)
+        if whole:
+            _compat_whole(video_vae, image_vae, clip, height, plot_path, as_json)
+            return
         x = load_eval_clip(clip, frames=frames, height=height)
         with torch.no_grad():
             result = measure_compat(video_vae, image_vae, x, mapping=mapping)
@@ -138,6 +159,30 @@ def compat_command(model_path, image_vae_path, clip, frames, height, mapping, th
         return
     for key, value in result.items():
         click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
+def _compat_whole(video_vae, image_vae, clip: str, height: int, plot_path: str | None, as_json: bool) -> None:
+    from .clip_eval import evaluate_clip, plot_per_frame, summarize
+    from .train_data import load_eval_clip
+
+    x = load_eval_clip(clip, frames=None, height=height)
+    result = evaluate_clip(video_vae, x, image_vae)
+    summary = summarize({clip: result})
+    if plot_path:
+        plot_per_frame(Path(clip).stem, {"model": result}, Path(plot_path))
+    if as_json:
+        click.echo(json.dumps({"input": clip, "summary": summary, **result}, indent=2, default=float))
+        return
+    click.echo(f"{clip}: {result['frames']} frames at {result['height']}x{result['width']}, "
+               f"{len(result['windows'])} windows of {result['window']} ({result['frames_left_out']} frames after the "
+               "last whole window not evaluated)")
+    click.echo("window       PSNR    key  between  image-decoder")
+    for w in result["windows"]:
+        click.echo(f"{w['start']:4d}-{w['start'] + result['window'] - 1:<4d}  {w['psnr']:6.2f} {w['key_psnr']:6.2f} "
+                   f"{w['between_psnr']:7.2f} {w['image_decoder_psnr']:8.2f}")
+    click.echo(f"mean {summary['mean_psnr']:.2f} dB, worst {summary['worst_psnr']:.2f} dB ({summary['worst_window']}), "
+               f"key frames {summary['key_psnr']:.2f} / in-between {summary['between_psnr']:.2f} dB, "
+               f"image decoder {summary['image_decoder_psnr']:.2f} dB")
 
 
 @click.group()

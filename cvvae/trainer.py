@@ -95,6 +95,30 @@ class LossConfig:
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+AUTOCAST_CHOICES = ("auto", *AUTOCAST_DTYPES)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that run bfloat16 natively
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 and
+    autocast is slower than fp32 (an AVX2-only EPYC); unknown (no /proc/cpuinfo) counts as absent."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_autocast(autocast: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively (CPU flags above, or a CUDA GPU that supports
+    it), else ``fp32``; ``fp32``/``bf16`` are returned unchanged (an explicit choice is obeyed)."""
+    if autocast != "auto":
+        return autocast
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -142,6 +166,7 @@ class TrainConfig:
     log_every: int = 20
     # "bf16": forward passes under torch.autocast (bfloat16 convolutions and matmuls, fp32 weights, optimizer and
     # losses). About 2.4x faster per step on CPUs with AVX512-BF16; validation and exported weights stay fp32.
+    # "auto": bf16 where the CPU has native bf16 (resolve_autocast), else fp32 (emulated bf16 is slower).
     autocast: str = "fp32"
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -156,8 +181,8 @@ class TrainConfig:
             raise InputError(f"stage={self.stage!r}; expected one of {', '.join(STAGES)}")
         if self.threads < 1:
             raise InputError(f"threads={self.threads} must be >= 1")
-        if self.autocast not in AUTOCAST_DTYPES:
-            raise InputError(f"autocast={self.autocast!r}; expected one of {', '.join(AUTOCAST_DTYPES)}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise InputError(f"autocast={self.autocast!r}; expected one of {', '.join(AUTOCAST_CHOICES)}")
 
     SECTIONS = {"model": ModelSection, "loss": LossConfig, "optim": OptimConfig, "budget": BudgetConfig,
                 "validation": ValidationConfig, "checkpoint": CheckpointConfig}
@@ -427,6 +452,39 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read training checkpoint {path}: {e}; delete it to restart the run") from e
 
 
+def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a video run at its last checkpoint, so a run that is still training can be evaluated.
+
+    ``path``: a run directory (its ``final`` export when the run finished, else its ``checkpoint.pt``), a checkpoint
+    file, or a CV-VAE folder. The checkpoint's architecture comes from the run's ``[model] init`` folder. Returns
+    the fp32 model in eval mode and ``{"source", "step", "elapsed_s"}``.
+    """
+    from .loading import load_model
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists() and not (path / CHECKPOINT_NAME).exists():
+        return load_model(path).float().eval(), {"source": str(path), "step": None, "elapsed_s": None}
+    if path.is_dir() and (path / RESULT_NAME).exists() and (path / EXPORT_NAME / "config.json").exists():
+        result = json.loads((path / RESULT_NAME).read_text())
+        return load_model(path / EXPORT_NAME).float().eval(), {"source": str(path / EXPORT_NAME),
+                                                               "step": result["step"], "elapsed_s": result["elapsed_s"]}
+    ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not ckpt.exists():
+        raise CheckpointError(f"{path} is neither a CV-VAE folder, a training run directory nor a checkpoint")
+    state = read_checkpoint(ckpt)
+    config = state["config"]
+    init = config.get("model", {}).get("init")
+    if config.get("stage") not in ("video", "video-noreg") or not init:
+        raise CheckpointError(f"{ckpt} is not a video fine-tune started from an [model] init folder; export its "
+                              "weights by finishing the run")
+    if not Path(init).exists():
+        raise CheckpointError(f"{ckpt}: its start model {init} (the architecture) is missing")
+    model = load_model(init)
+    model.load_state_dict(state["model"])
+    return model.float().eval(), {"source": str(ckpt), "step": int(state["step"]),
+                                  "elapsed_s": float(state["elapsed_s"])}
+
+
 # ----- the loop ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -595,6 +653,11 @@ class Trainer:
         window: dict[str, list[float]] = {}
         window_start, window_samples, window_frames = time.monotonic(), 0, 0
         bad_steps = 0
+        precision = resolve_autocast(cfg.autocast)
+        dtype = AUTOCAST_DTYPES[precision]
+        log.info("forward passes in %s (autocast = %r; native CPU bf16: %s)", precision, cfg.autocast,
+                 cpu_has_native_bf16())
+        self._record("precision", autocast=cfg.autocast, precision=precision)
         self.task.model.train()
         if val.at_start and self.step == 0 and val.clips:
             self._run_validation()
@@ -606,7 +669,6 @@ class Trainer:
                 lr = cfg.optim.lr * self.schedule.factor(self.step, self.progress)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                dtype = AUTOCAST_DTYPES[cfg.autocast]
                 with torch.autocast(batch.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     loss, logs, xrec = self.task.step(batch, step_generator(cfg.seed, self.step))
                 self.optimizer.zero_grad(set_to_none=True)

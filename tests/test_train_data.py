@@ -16,6 +16,7 @@ from cvvae.train_data import (
     DataError,
     TrainSampler,
     check_not_heldout,
+    clip_frame_indices,
     eval_size,
     heldout_clip_paths,
     load_eval_clip,
@@ -125,6 +126,66 @@ def test_clip_frames_follow_a_constant_stride(sources):
         if found:
             break
     assert found, "the clip is not a strided, cropped run of frames of a training video"
+
+
+def test_strides_give_evenly_spaced_frame_indices_from_1_to_8():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(400):
+        idx = clip_frame_indices(rng, 300, 17, 8)
+        steps = np.diff(idx)
+        assert len(idx) == 17 and (steps == steps[0]).all() and 1 <= steps[0] <= 8
+        assert idx[0] >= 0 and idx[-1] <= 299
+        seen.add(int(steps[0]))
+    assert seen == set(range(1, 9))
+    # a 60-frame video holds 17 frames at stride <= 3 only
+    assert {int(np.diff(clip_frame_indices(rng, 60, 17, 8))[0]) for _ in range(200)} == {1, 2, 3}
+    np.testing.assert_array_equal(clip_frame_indices(rng, 17, 17, 8), np.arange(17))
+
+
+def _index_video(frames: int = 140, size: int = 48) -> np.ndarray:
+    """A video whose frame i is filled with the value i (frame indices read back from the pixels)."""
+    return np.broadcast_to(np.arange(frames, dtype=np.uint8)[:, None, None, None], (frames, size, size, 3)).copy()
+
+
+def test_clip_samples_read_strided_frames_and_reverse_some():
+    from cvvae.train_data import TrainingSources
+
+    sources = TrainingSources(videos=[_index_video()], video_names=["index@48"])
+    cfg = DataConfig(video_short_sides=(48,), image_size=32, clip_frames=17, clip_size=32, clip_batch=1,
+                     max_stride=8, schedule="clips", reverse=0.5, seed=3)
+    sampler = TrainSampler(cfg, sources)
+    strides, reversed_ = set(), 0
+    for step in range(200):
+        clip = ((sampler.batch(step)[0, 0, :, 0, 0] + 1) * 127.5).round().long()  # frame values = indices
+        steps = torch.diff(clip)
+        assert (steps == steps[0]).all() and 1 <= abs(int(steps[0])) <= 8
+        strides.add(abs(int(steps[0])))
+        reversed_ += int(steps[0] < 0)
+    assert strides == set(range(1, 9))
+    assert 70 <= reversed_ <= 130  # about half play backwards
+    never = TrainSampler(DataConfig(**{**cfg.as_dict(), "reverse": 0.0}), sources)
+    for step in range(50):
+        clip = ((never.batch(step)[0, 0, :, 0, 0] + 1) * 127.5).round().long()
+        assert int(clip[1] - clip[0]) > 0
+
+
+def test_motion_samples_are_synthesized_clips_of_the_configured_shape(sources):
+    cfg = DataConfig(**{**SMALL.as_dict(), "schedule": "clips", "clip_frames": 9, "clip_size": 32,
+                        "motion_fraction": 1.0, "motion_max_speed": 4.0, "clip_batch": 4})
+    sampler = TrainSampler(cfg, sources)
+    x = sampler.batch(0)
+    assert x.shape == (4, 3, 9, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # synthetic motion moves: consecutive frames differ (the real 20-frame training clips barely do at stride 1)
+    assert (x[:, :, 1:] - x[:, :, :-1]).abs().mean() > 0.01
+    assert torch.equal(x, TrainSampler(cfg, sources).batch(0))
+    for kind in ("pan", "zoom", "rotate", "parallax"):
+        one = TrainSampler(DataConfig(**{**cfg.as_dict(), "motion_kinds": (kind,)}), sources).batch(1)
+        assert one.shape == (4, 3, 9, 32, 32)
+    with pytest.raises(DataError, match="motion_kinds \\['shake'\\]"):
+        DataConfig(motion_kinds=("shake",))
+    with pytest.raises(DataError, match="reverse=2"):
+        DataConfig(reverse=2)
 
 
 def test_config_rejects_bad_values():

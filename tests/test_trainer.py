@@ -20,7 +20,9 @@ from cvvae.trainer import (
     Trainer,
     TrainingError,
     build_task,
+    cpu_has_native_bf16,
     read_checkpoint,
+    resolve_autocast,
     train,
 )
 
@@ -212,5 +214,26 @@ def test_shipped_configs_parse_and_unknown_keys_fail():
         TrainConfig.from_dict({"stage": "image", "optim": {"learning_rate": 1.0}})
     with pytest.raises(InputError, match="stage="):
         TrainConfig.from_dict({"stage": "images"})
-    with pytest.raises(InputError, match="autocast='fp16'; expected one of fp32, bf16"):
+    with pytest.raises(InputError, match="autocast='fp16'; expected one of auto, fp32, bf16"):
         TrainConfig.from_dict({"stage": "video", "autocast": "fp16"})
+    motion = TrainConfig.from_toml(CONFIGS / "default-video-motion.toml")
+    ablation = TrainConfig.from_toml(CONFIGS / "default-video-motion-noreg.toml")
+    assert motion.autocast == "auto" and motion.data.max_stride == 8 and motion.data.motion_fraction == 0.5
+    assert ablation.stage == "video-noreg" and ablation.loss.rec2d_weight == 0.0
+    same = {k: v for k, v in motion.as_dict().items() if k not in ("name", "stage", "loss")}
+    assert same == {k: v for k, v in ablation.as_dict().items() if k not in ("name", "stage", "loss")}
+
+
+def test_autocast_auto_uses_bf16_only_with_native_cpu_support(tmp_path, monkeypatch):
+    import cvvae.trainer as trainer_module
+
+    epyc = tmp_path / "epyc"
+    epyc.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    xeon = tmp_path / "xeon"
+    xeon.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16(epyc) and cpu_has_native_bf16(xeon)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_autocast("auto") == expected
+        assert resolve_autocast("fp32") == "fp32" and resolve_autocast("bf16") == "bf16"

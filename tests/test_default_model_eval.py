@@ -1,0 +1,50 @@
+"""scripts/train_default_model.py --only eval: the ship decision of issue 15 and the card's generated section."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("train_default_model", REPO / "scripts" / "train_default_model.py")
+tdm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tdm)
+
+
+def _models(motion_mean, motion_worst, motion_image, ablation_image):
+    return {"shipped": {"summary": {"mean_psnr": 22.35, "worst_psnr": 18.74, "image_decoder_psnr": 24.0}},
+            "motion": {"summary": {"mean_psnr": motion_mean, "worst_psnr": motion_worst,
+                                   "image_decoder_psnr": motion_image}},
+            "motion-noreg": {"summary": {"image_decoder_psnr": ablation_image}}}
+
+
+def test_ship_only_when_better_on_mean_and_worst_and_above_the_ablation():
+    assert tdm.ship_decision(_models(24.1, 20.2, 24.5, 24.0))["ship"] is True
+    worse = tdm.ship_decision(_models(24.1, 18.0, 24.5, 24.0))
+    assert worse["ship"] is False and worse["better"] is False and "worst 18.00 vs 18.74 dB (not better)" in worse["reason"]
+    drift = tdm.ship_decision(_models(24.1, 20.2, 23.9, 24.0))
+    assert drift["ship"] is False and drift["compatible"] is False and "(not above)" in drift["reason"]
+    lone = _models(24.1, 20.2, 24.5, 24.0)
+    del lone["motion-noreg"]
+    assert tdm.ship_decision(lone) == {"ship": False, "reason": "the motion fine-tune's ablation was not found: "
+                                                                "compatibility unproven"}
+
+
+def test_model_card_section_is_replaced_between_markers(tmp_path):
+    card = tmp_path / "card.md"
+    card.write_text("# Card\n\nintro\n")
+    tdm.update_model_card(card, "## Eval\nfirst\n")
+    assert card.read_text() == f"# Card\n\nintro\n\n{tdm.CARD_BEGIN}\n## Eval\nfirst\n{tdm.CARD_END}\n"
+    card.write_text(card.read_text() + "\n## Limits\nkept\n")
+    tdm.update_model_card(card, "## Eval\nsecond\n")
+    text = card.read_text()
+    assert "second" in text and "first" not in text and text.endswith("## Limits\nkept\n")
+    assert text.count(tdm.CARD_BEGIN) == 1 and text.startswith("# Card\n\nintro\n")
+
+
+@pytest.mark.parametrize("flag", ["--candidate", "--ablation"])
+def test_eval_arguments(flag, tmp_path):
+    args = tdm.parse_args(["--only", "eval", flag, str(tmp_path / "x.pt"), "--no-ship"])
+    assert getattr(args, flag[2:]) == tmp_path / "x.pt" and args.no_ship and args.only == ["eval"]
