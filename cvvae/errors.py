@@ -21,3 +21,11 @@ class BackendUnavailableError(CVVAEError, RuntimeError):
 
 class ExportError(CVVAEError, RuntimeError):
     """An export that cannot be done or did not verify, or an export directory that cannot be read."""
+
+
+class ResourceError(CVVAEError, RuntimeError):
+    """A job that needs more memory than this machine has available (the message gives the estimate)."""
+
+
+class NonFiniteError(CVVAEError, FloatingPointError):
+    """NaN or Inf in an input, or produced by a component (e.g. fp16 overflow): stopped instead of writing garbage."""

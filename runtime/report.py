@@ -372,8 +372,9 @@ def render_html(report: Report, config: ReportConfig) -> str:
         sections.append(f"<h3>Frame {t}</h3>\n<div class=frames>\n" + "\n".join(cards) + "\n</div>")
     plan = report.plan
     plan_text = (f"plan: padded {plan.get('padded')}, latent {plan.get('latent')}, "
-                 f"{len(plan.get('encode_chunks_frames', []))} encode chunk(s), "
-                 f"{len(plan.get('tile_rows_px', [])) * len(plan.get('tile_cols_px', []))} tile(s)") if plan else ""
+                 f"{plan.get('encode_chunk_count', len(plan.get('encode_chunks_frames', [])))} encode chunk(s), "
+                 f"{plan.get('tile_row_count', len(plan.get('tile_rows_px', [])))
+                    * plan.get('tile_col_count', len(plan.get('tile_cols_px', [])))} tile(s)") if plan else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
