@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
+from .errors import NonFiniteError
 from .plan import AxisTiles, Chunk, VideoPlan
 
 ComponentFn = Callable[[torch.Tensor], torch.Tensor]
@@ -113,11 +114,33 @@ def run_tiles(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles
     return torch.cat(out_rows, dim=-2)
 
 
+def count_nonfinite(values: torch.Tensor) -> int:
+    """Number of NaN/Inf entries (the only array operations used: isfinite, logical not, sum)."""
+    return int((~torch.isfinite(values)).sum())
+
+
+def check_finite(values: torch.Tensor, what: str, chunk: Chunk, unit: str, advice: str) -> None:
+    """Stop when a chunk's input or output holds NaN/Inf, naming what it is and which chunk, instead of passing it on.
+
+    Every backend's tiles go through :func:`encode_chunk` / :func:`decode_chunk`, so this one check covers them all.
+    """
+    bad = count_nonfinite(values)
+    if bad:
+        raise NonFiniteError(f"{what} of the chunk of {unit} {chunk.start}-{chunk.stop - 1} has {bad:,} NaN/Inf "
+                             f"values out of {values.numel():,}; {advice}")
+
+
+_OUTPUT_ADVICE = ("stopped instead of writing garbage; with --precision fp16 this is an overflow: use fp32 (or a "
+                  "graph whose fp32 islands cover it), else check the model's weights")
+
+
 def encode_chunk(fn: ComponentFn, frames: torch.Tensor, plan: VideoPlan, chunk: Chunk, *,
                  batch_tiles: bool = False) -> torch.Tensor:
     """Moments of one temporal chunk of padded frames (the chunk's own frames, B,3,t,H,W)."""
     s = plan.settings.spatial_compress
+    check_finite(frames, "input pixels", chunk, "frames", "the input must hold finite pixels in [-1, 1]")
     moments = run_tiles(fn, frames, plan.rows, plan.cols, in_scale=s, out_scale=1, batch_tiles=batch_tiles)
+    check_finite(moments, "encoder output", chunk, "frames", _OUTPUT_ADVICE)
     return moments[:, :, 1:] if chunk.drop_first else moments
 
 
@@ -125,7 +148,10 @@ def decode_chunk(fn: ComponentFn, latents: torch.Tensor, plan: VideoPlan, chunk:
                  batch_tiles: bool = False) -> torch.Tensor:
     """Pixels of one temporal chunk of latents (the chunk's own latents, B,z,l,h,w); uncropped."""
     s = plan.settings.spatial_compress
+    check_finite(latents, "input latents", chunk, "latents", "latents must be finite; were they made by a "
+                 "diverged model or a broken sampler?")
     pixels = run_tiles(fn, latents, plan.rows, plan.cols, in_scale=1, out_scale=s, batch_tiles=batch_tiles)
+    check_finite(pixels, "decoder output", chunk, "latents", _OUTPUT_ADVICE)
     return pixels[:, :, 1:] if chunk.drop_first else pixels
 
 
@@ -173,7 +199,8 @@ class StreamingEncoder:
         self.chunks_done = 0
 
     def _run(self, frames: torch.Tensor) -> torch.Tensor:
-        chunk = Chunk(0, frames.shape[2], drop_first=self.chunks_done > 0)
+        start = 0 if self.chunk is None else self.chunks_done * self.chunk  # chunk n starts at frame 16n
+        chunk = Chunk(start, start + frames.shape[2], drop_first=self.chunks_done > 0)
         self.chunks_done += 1
         return encode_chunk(self.fn, frames, self.plan, chunk, batch_tiles=self.batch_tiles)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError, ExportError, InputError
 from ..plan import PlanSettings
 
 log = logging.getLogger(__name__)
@@ -115,17 +115,47 @@ class OrtComponent:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime's errors derive from Exception only (InvalidProtobuf, Fail, ...)
+            raise ExportError(f"cannot load ONNX graph {path}: {_first_line(e)}; the file is damaged or not an "
+                              "ONNX model: re-export into a fresh directory (cvvae export)") from e
         self.inputs = self.session.get_inputs()
         self.outputs = [o.name for o in self.session.get_outputs()]
+        if len(self.inputs) != 1 or self.inputs[0].type not in ORT_DTYPES:
+            found = ", ".join(f"{i.name}: {i.type}" for i in self.inputs) or "none"
+            raise ExportError(f"ONNX graph {path} takes ({found}); a CV-VAE component takes one float tensor")
         self.input_dtype = ORT_DTYPES[self.inputs[0].type]
         self.on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+    def check_contract(self, component: str, channels: int) -> None:
+        """Refuse a graph that is not this component of this model (e.g. encoder and decoder files swapped)."""
+        from ..export import contract
+
+        want_in, want_out = ((contract.ENCODER_INPUT, contract.ENCODER_OUTPUTS) if component == contract.ENCODER
+                             else (contract.DECODER_INPUT, (contract.DECODER_OUTPUT,)))
+        got_in, got_out = self.inputs[0].name, tuple(self.outputs)
+        shape = self.inputs[0].shape
+        if got_in != want_in or got_out != tuple(want_out):
+            raise ExportError(
+                f"{self.path} is not the {component} graph: it maps {got_in!r} -> {', '.join(got_out)}, the "
+                f"{component} maps {want_in!r} -> {', '.join(want_out)}; were graph files swapped or copied from "
+                "elsewhere? Re-export into a fresh directory")
+        if len(shape) != 5 or shape[1] != channels:
+            raise ExportError(
+                f"{self.path} takes {want_in!r} of shape {shape}, but this model's {component} takes (B, {channels}, "
+                "T, H, W); the graph belongs to another model: re-export into a fresh directory")
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.on_cuda and x.is_cuda:
             return self._run_bound(x)
         array = np.ascontiguousarray(x.detach().cpu().numpy().astype(self.input_dtype, copy=False))
-        results = self.session.run(self.outputs, {self.inputs[0].name: array})
+        try:
+            results = self.session.run(self.outputs, {self.inputs[0].name: array})
+        except Exception as e:  # onnxruntime's errors derive from Exception only
+            raise ExportError(f"ONNX Runtime failed running {self.path.name} on an input of shape "
+                              f"{tuple(array.shape)}: {_first_line(e)}") from e
         return [torch.from_numpy(r).float() for r in results]
 
     def _run_bound(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -173,6 +203,9 @@ class OnnxRuntimeBackend:
                     f"export it with `cvvae export --precisions {precision}`"
                 )
             graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads)
+            config = manifest.model_config()
+            graphs[component].check_contract(
+                component, config.in_channels if component == "encoder" else config.latent_channels)
         return cls(export_dir, manifest, graphs["encoder"], graphs["decoder"], precision)
 
     @property
@@ -201,6 +234,12 @@ class OnnxRuntimeBackend:
 
     def decoder(self, latent: torch.Tensor) -> torch.Tensor:
         return self._graph("decoder")(latent)[0]
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's can span many)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def ort_providers(ort: Any, device: str) -> list[Any]:
