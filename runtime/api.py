@@ -24,6 +24,7 @@ from .. import tiling
 from ..config import ModelConfig
 from ..errors import InputError
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
+from ..memory import check_plan_fits
 from ..model import LOGVAR_MAX, LOGVAR_MIN
 from ..plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
 from .backends import BACKENDS, Backend
@@ -127,6 +128,12 @@ class VideoVAE:
     def plan(self, num_frames: int, height: int, width: int) -> VideoPlan:
         return make_plan(self.settings, num_frames, height, width)
 
+    def check_memory(self, num_frames: int, height: int, width: int, *, batch: int = 1,
+                     direction: str = "both") -> None:
+        """Refuse a video whose plan needs more memory than is available, before any frame is read or decoded."""
+        check_plan_fits(self.plan(num_frames, height, width), self.config, batch=batch,
+                        batch_tiles=self.batch_tiles, direction=direction)
+
     # ----- encode ---------------------------------------------------------------------------------------------
     def encode(self, frames: Any, *, metadata: dict[str, Any] | None = None,
                on_progress: ProgressFn | None = None) -> Latents:
@@ -152,6 +159,8 @@ class VideoVAE:
                 raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.config.in_channels}")
             if plan is None:
                 plan = self.plan(max(1, x.shape[2]), x.shape[3], x.shape[4])
+                self.check_memory(total_frames or plan.num_frames, plan.height, plan.width, batch=x.shape[0],
+                                  direction="encode")
                 streamer = tiling.StreamingEncoder(self.backend.encoder, plan, batch_tiles=self.batch_tiles)
             elif x.shape[3:] != (plan.height, plan.width):
                 raise InputError(f"frame size changed mid-stream from {plan.height}x{plan.width} to "
@@ -186,10 +195,11 @@ class VideoVAE:
     def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
                      **read_kwargs: Any) -> Latents:
         """Encode a video file, reading it chunk by chunk (PyAV); fps and source go into the metadata."""
-        from .video_io import iter_video_frames, probe_video
+        from .video_io import iter_video_frames, probe_video, selected_shape
 
         info = probe_video(path)
-        total = _selected_count(info.num_frames, read_kwargs)
+        total, height, width = selected_shape(path, **read_kwargs)
+        self.check_memory(total, height, width, direction="encode")  # before a frame is read
         frames = iter_video_frames(path, chunk_size=chunk_size, **read_kwargs)
         fps = info.fps / read_kwargs.get("stride", 1)
         return self._collect(self.encode_stream(frames, total_frames=total, on_progress=on_progress),
@@ -208,6 +218,7 @@ class VideoVAE:
         z = latents.mean
         plan = make_latent_plan(self.settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
                                 height=latents.height, width=latents.width)
+        check_plan_fits(plan, self.config, batch=z.shape[0], batch_tiles=self.batch_tiles, direction="decode")
         done = 0
         for pixels in tiling.iter_decode(self.backend.decoder, z.float(), plan, batch_tiles=self.batch_tiles):
             done += pixels.shape[2]
@@ -223,12 +234,6 @@ class VideoVAE:
 def _split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, logvar = moments.chunk(2, dim=1)
     return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
-
-
-def _selected_count(num_frames: int, kw: dict[str, Any]) -> int:
-    start, end, stride = kw.get("start", 0), kw.get("end") or num_frames, kw.get("stride", 1)
-    n = max(0, -(-(min(end, num_frames) - start) // stride))
-    return min(n, kw["max_frames"]) if kw.get("max_frames") else n
 
 
 EXPORT_CACHE_FORMAT = 2  # bump when the export code changes what an existing cache entry would hold
