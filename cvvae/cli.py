@@ -43,7 +43,7 @@ def _os_error_message(e: OSError) -> str:
         where = f" {e.filename}" if e.filename else ""
         reason = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size limit was reached",
                   errno.EDQUOT: "the disk quota is exhausted"}[e.errno]
-        return (f"OSError: could not write{where}: {reason} ({e.strerror or e}); free some space or write elsewhere; "
+        return (f"OSError: could not write{where}: {reason} (errno {e.errno}); free some space or write elsewhere; "
                 "nothing was left behind")
     return one_line(e)
 
