@@ -330,10 +330,16 @@ if [[ $HAVE_EXPORT == 0 ]]; then
     helper step engines "FAILED" - "no export to build from"; FAILED=1
 elif [[ "$TRT_STATUS" != ok ]]; then
     TRTEXEC="$OUT/trtexec.$PRECISION.sh"
-    "${CVVAE[@]}" build-engines --export "$EXPORT_DIR" --out "$ENGINE_DIR" --precision "$PRECISION" --print-trtexec \
-        >"$TRTEXEC" 2>"$LOGS/engines.log"
-    say "engines: $TRT_STATUS; not building them (equivalent trtexec lines: $TRTEXEC)"
-    helper step engines "not available" - "$TRT_STATUS; trtexec lines in $TRTEXEC"
+    REBUILD=(); [[ $FORCE == 1 || $EXPORTED == 1 ]] && REBUILD=(--rebuild)
+    # the trtexec lines, and the sidecars in $ENGINE_DIR that let the tensorrt backend load what they build
+    if "${CVVAE[@]}" build-engines --export "$EXPORT_DIR" --out "$ENGINE_DIR" --precision "$PRECISION" \
+            --print-trtexec "${REBUILD[@]}" >"$TRTEXEC" 2>"$LOGS/engines.log"; then
+        say "engines: $TRT_STATUS; not building them (trtexec lines: $TRTEXEC; sidecars in $ENGINE_DIR)"
+        helper step engines "not available" - "$TRT_STATUS; trtexec lines in $TRTEXEC"
+    else
+        tail -n 8 "$LOGS/engines.log" >&2
+        helper step engines "FAILED" - "trtexec sidecars: see $LOGS/engines.log"; FAILED=1
+    fi
 else
     for p in $ENGINE_PRECISIONS; do
         t0=$(now)

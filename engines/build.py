@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 from cvvae.errors import CVVAEError
 from cvvae.fsutil import atomic_path, sha256_file
+from cvvae.engines.engine_check import expected_io
 from cvvae.engines.profile import Profile, ProfileSpec, coverage_warnings, default_spec, resolve_profiles
 from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, EngineSidecar, Mismatch,
                                    StaleEngineError, cvvae_version, engine_filename, is_engine_dir, load_engine_dir,
@@ -174,6 +176,13 @@ def estimate_memory(manifest: Any, component: str, precision: str, profiles: Seq
                           activation_bytes=3 * largest * per + attention * per)
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags of a strongly typed network, from the enum: STRONGLY_TYPED is bit 1 in TensorRT 10
+    and bit 0 in TensorRT 11 (where it is deprecated, networks being always strongly typed), so never a literal."""
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if strongly_typed is None else 1 << int(strongly_typed)
+
+
 # ----- one engine -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineBuilder:
@@ -197,6 +206,11 @@ class EngineBuilder:
     @property
     def sidecar_path(self) -> Path:
         return sidecar_path(self.engine_path)
+
+    @property
+    def manifest_entry(self) -> dict[str, str]:
+        """This engine's entry in the engine directory's manifest.json."""
+        return {"file": self.engine_path.name, "sidecar": self.sidecar_path.name}
 
     # ----- trtexec ---------------------------------------------------------------------------------------------------
     def trtexec_command(self) -> list[str]:
@@ -224,8 +238,7 @@ class EngineBuilder:
         trt = lazy_import("tensorrt", "building TensorRT engines")
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: always
-        network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+        network = builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(self.onnx_path)):
             errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -250,17 +263,32 @@ class EngineBuilder:
 
     def sidecar(self, environment: EngineEnvironment, *, engine_sha256: str, size_bytes: int, seconds: float,
                 export_dir: Path, export_manifest_sha256: str, timing_cache_loaded: bool) -> EngineSidecar:
-        return EngineSidecar(
-            component=self.component, precision=self.precision,
+        """The sidecar of an engine :meth:`build` made."""
+        return self._sidecar(
             engine={"file": self.engine_path.name, "sha256": engine_sha256, "size_bytes": size_bytes},
-            onnx={"file": self.onnx_path.name, "sha256": self.onnx_sha256, "export_dir": str(export_dir),
-                  "export_manifest_sha256": export_manifest_sha256},
-            io=self.io, profiles=[p.as_dict() for p in self.profiles],
             build={"builder": "tensorrt-python", "strongly_typed": True, **self.options.as_dict(),
                    "timing_cache": str(self.timing_cache), "timing_cache_loaded": timing_cache_loaded,
                    "seconds": round(seconds, 2)},
-            environment=environment.as_dict(), cvvae_version=cvvae_version(),
-            memory_estimate=self.memory.as_dict() if self.memory else {}, created_utc=now_utc())
+            environment=environment.as_dict(), export_dir=export_dir, export_manifest_sha256=export_manifest_sha256)
+
+    def trtexec_sidecar(self, *, export_dir: Path, export_manifest_sha256: str) -> EngineSidecar:
+        """The sidecar of the engine :meth:`trtexec_command` will make: its sha256 and environment stay empty until
+        the first load checks the engine and records them (:mod:`cvvae.engines.engine_check`)."""
+        return self._sidecar(
+            engine={"file": self.engine_path.name, "sha256": None, "size_bytes": None},
+            build={"builder": "trtexec", "command": self.trtexec_command(), "cwd": os.getcwd(),
+                   "strongly_typed": True, **self.options.as_dict(), "timing_cache": str(self.timing_cache)},
+            environment={}, export_dir=export_dir, export_manifest_sha256=export_manifest_sha256)
+
+    def _sidecar(self, *, engine: dict[str, Any], build: dict[str, Any], environment: dict[str, Any],
+                 export_dir: Path, export_manifest_sha256: str) -> EngineSidecar:
+        return EngineSidecar(
+            component=self.component, precision=self.precision, engine=engine,
+            onnx={"file": self.onnx_path.name, "sha256": self.onnx_sha256, "export_dir": str(export_dir),
+                  "export_manifest_sha256": export_manifest_sha256},
+            io=self.io, profiles=[p.as_dict() for p in self.profiles], build=build, environment=environment,
+            cvvae_version=cvvae_version(), memory_estimate=self.memory.as_dict() if self.memory else {},
+            created_utc=now_utc())
 
     def request_differences(self, sidecar: dict[str, Any]) -> list[Mismatch]:
         """Differences between this build request and what the existing engine was built with."""
@@ -309,8 +337,7 @@ def plan_engines(export_dir: str | Path, out_dir: str | Path, precision: str, *,
         profiles = tuple(resolve_profiles(spec.for_component(component), entry.inputs, component=component))
         for warning in coverage_warnings(component, profiles, manifest):
             log.warning("%s", warning)
-        io = {t.name: {"mode": mode, "dtype": graph.io_dtypes.get(t.name, "float32"), "dims": list(t.dims)}
-              for mode, tensors in (("input", entry.inputs), ("output", entry.outputs)) for t in tensors}
+        io = expected_io(manifest, component, precision)
         builders.append(EngineBuilder(
             component=component, precision=precision, onnx_path=manifest.graph_path(component, precision),
             onnx_sha256=graph.sha256, engine_path=out_dir / engine_filename(component, precision),
@@ -345,7 +372,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, precision: str, *
     builders = plan_engines(export_dir, out_dir, precision, spec=spec, options=options, components=components)
     env = environment or current_environment()
     export_sha = sha256_file(export_dir / "manifest.json")
-    dir_manifest = _engine_dir_manifest(export_dir, out_dir, export_sha, rebuild=rebuild)
+    dir_manifest = engine_dir_manifest(export_dir, out_dir, export_sha, rebuild=rebuild)
     hint = rebuild_command(export_dir, out_dir, precision)
     results = []
     for b in builders:
@@ -354,33 +381,34 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, precision: str, *
             if not reasons:
                 say(f"{b.engine_path.name}: current (built for {env.gpu_name}, TensorRT {env.tensorrt_version}); kept")
                 results.append(EngineResult(b.component, precision, b.engine_path, "current"))
-                dir_manifest.engines.setdefault(b.component, {})[precision] = _entry(b)
+                dir_manifest.engines.setdefault(b.component, {})[precision] = b.manifest_entry
                 continue
             raise StaleEngineError(stale_message(str(b.engine_path), reasons, hint).replace(
                 "Rebuild it:", "To replace it, pass --rebuild:"))
         say(f"{b.engine_path.name}: memory estimate {b.memory.describe()}" if b.memory else b.engine_path.name)
         results.append(_build_one(b, env, export_dir, export_sha, say))
-        dir_manifest.engines.setdefault(b.component, {})[precision] = _entry(b)
+        dir_manifest.engines.setdefault(b.component, {})[precision] = b.manifest_entry
         dir_manifest.write(out_dir)
     dir_manifest.write(out_dir)
     return results
 
 
-def _entry(b: EngineBuilder) -> dict[str, str]:
-    return {"file": b.engine_path.name, "sidecar": b.sidecar_path.name}
-
-
 def _existing_differences(b: EngineBuilder, env: EngineEnvironment) -> list[Mismatch]:
+    from cvvae.engines.trtexec import is_pending
+
     try:
         sidecar = EngineSidecar.read(b.sidecar_path).to_dict()
     except StaleEngineError as e:
         return [Mismatch("sidecar", str(e).splitlines()[0], "a readable sidecar")]
+    if is_pending(EngineSidecar.from_dict(sidecar)):
+        return [Mismatch("engine", "a trtexec build whose first load has not checked and recorded it yet",
+                         "an engine built here")]
     reasons = stale_reasons(sidecar, env.as_dict(), onnx_sha256=b.onnx_sha256,
                             engine_sha256=sha256_file(b.engine_path))
     return [r for r in reasons if r.refuse] + b.request_differences(sidecar)
 
 
-def _engine_dir_manifest(export_dir: Path, out_dir: Path, export_sha: str, *, rebuild: bool) -> EngineDirManifest:
+def engine_dir_manifest(export_dir: Path, out_dir: Path, export_sha: str, *, rebuild: bool) -> EngineDirManifest:
     """The engine directory's manifest, refusing to mix engines of two different exports unless rebuilding."""
     model = json.loads((export_dir / "manifest.json").read_text())
     fresh = EngineDirManifest(export={"dir": str(export_dir), "manifest_sha256": export_sha}, model=model,

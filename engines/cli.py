@@ -60,8 +60,10 @@ def _range(text: str | None) -> tuple[int, int, int] | None:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="Timing cache file (default: OUT/timing.timing_cache).")
 @click.option("--print-trtexec", is_flag=True,
-              help="Print the equivalent trtexec commands and stop (no TensorRT needed).")
-@click.option("--rebuild", is_flag=True, help="Rebuild engines that exist, including stale or foreign ones.")
+              help="Write the sidecars of trtexec builds and print their commands; no TensorRT needed "
+                   "(the tensorrt backend checks such engines at their first load).")
+@click.option("--rebuild", is_flag=True, help="Rebuild engines that exist, including stale or foreign ones (with "
+              "--print-trtexec: give them the printed commands' sidecars).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_handle_errors
 def build_engines(export_dir: Path, out_dir: Path, precision: str, components: str | None, profiles_file: Path | None,
@@ -92,14 +94,21 @@ def build_engines(export_dir: Path, out_dir: Path, precision: str, components: s
         if b.memory:
             click.echo(f"[engines] {b.engine_path.name}: memory estimate {b.memory.describe()}", err=True)
     if print_trtexec:
+        from cvvae.engines.trtexec import write_trtexec_sidecars
+
+        written = write_trtexec_sidecars(builders, export_dir, out_dir, rebuild=rebuild)
+        for t in written:
+            click.echo(f"[engines] {t.builder.sidecar_path}: "
+                       + ("sidecar written" if t.status == "written" else "sidecar current, kept"), err=True)
         if as_json:
-            click.echo(json.dumps([{"engine": str(b.engine_path), "command": b.trtexec_command()} for b in builders],
-                                  indent=2))
+            click.echo(json.dumps([{"engine": str(t.builder.engine_path), "sidecar": str(t.builder.sidecar_path),
+                                    "status": t.status, "command": t.command} for t in written], indent=2))
             return
-        click.echo("# Equivalent trtexec builds. Engines built this way have no sidecar, so the tensorrt backend "
-                   "refuses them;\n# build with `cvvae build-engines` (without --print-trtexec) for the runtime.")
-        for b in builders:
-            click.echo(b.trtexec_line())
+        click.echo(f"# Equivalent trtexec builds; their sidecars are in {out_dir}. Run these lines on the GPU machine "
+                   f"from {Path.cwd()}.\n# The tensorrt backend checks each engine's I/O tensors and profiles against "
+                   "its sidecar at its first load,\n# then records its sha256 and refuses any other plan file.")
+        for t in written:
+            click.echo(t.builder.trtexec_line())
         return
     if not is_installed("tensorrt"):
         from cvvae.errors import BackendUnavailableError

@@ -185,7 +185,9 @@ def stale_reasons(sidecar: Mapping[str, Any], environment: Mapping[str, Any], *,
     if onnx_sha256 is not None and sidecar.get("onnx", {}).get("sha256") != onnx_sha256:
         reasons.append(Mismatch("ONNX sha256", sidecar.get("onnx", {}).get("sha256"), onnx_sha256))
     if engine_sha256 is not None and sidecar.get("engine", {}).get("sha256") != engine_sha256:
-        reasons.append(Mismatch("engine file sha256 (plan file replaced after the build)",
+        when = ("since its first load recorded it" if sidecar.get("build", {}).get("builder") == "trtexec"
+                else "after the build")
+        reasons.append(Mismatch(f"engine file sha256 (plan file replaced {when})",
                                 sidecar.get("engine", {}).get("sha256"), engine_sha256))
     return reasons
 

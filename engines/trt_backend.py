@@ -1,8 +1,11 @@
 """The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.runtime.backends.Backend`
 interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 torch tensors).
 
-* Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`): another TensorRT version, GPU or compute
-  capability than the sidecar records, or a graph whose sha256 no longer matches the export.
+* Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`, :mod:`cvvae.engines.engine_check`):
+  another TensorRT version, GPU or compute capability than the sidecar records, a graph whose sha256 no longer
+  matches the export, a plan file whose sha256 is not the recorded one, or I/O tensors and profiles that differ from
+  the sidecar and the export. An engine built with the printed trtexec command is checked at its first load and its
+  sha256 recorded then (docs/engines.md, "Engines built with trtexec").
 * One execution context per engine; the optimization profile is chosen per call (the smallest profile containing the
   chunk/tile shape, :func:`cvvae.engines.profile.choose_profile`) and switched only when it changes.
 * Device buffers are torch CUDA tensors (``set_tensor_address(name, tensor.data_ptr())``). The work is enqueued
@@ -28,16 +31,16 @@ import torch
 from cvvae.config import ModelConfig
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.plan import PlanSettings
+from cvvae.engines.engine_check import OpenedEngine, expected_io, open_engine
 from cvvae.engines.profile import Profile, choose_profile
-from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, EngineSidecar, check_current,
-                                   current_environment, load_engine_dir, rebuild_command)
-from cvvae.fsutil import sha256_file
+from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, current_environment, load_engine_dir,
+                                   rebuild_command)
 
 log = logging.getLogger(__name__)
 
-# TensorRT DataType name -> torch dtype (looked up by name, so this module imports without tensorrt)
-TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+# engine I/O dtype (cvvae.engines.engine_check.TRT_DTYPES names) -> torch dtype
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+                "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
 
 
 @dataclass
@@ -58,35 +61,22 @@ class TrtEngine:
     tolerated: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, trt: Any, runtime: Any, path: Path, sidecar: EngineSidecar, device: torch.device) -> "TrtEngine":
-        with torch.cuda.device(device):
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise BackendUnavailableError(f"TensorRT could not deserialize {path}; rebuild it")
-            context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
+    def from_opened(cls, opened: OpenedEngine, path: Path, device: torch.device) -> "TrtEngine":
+        """Wrap an engine that passed :func:`cvvae.engines.engine_check.open_engine` (I/O and profiles checked)."""
+        io = opened.io
         dtypes = {}
-        for n in names:
-            dt = engine.get_tensor_dtype(n)
-            key = getattr(dt, "name", str(dt).split(".")[-1])
-            if key not in TRT_TO_TORCH:
-                raise BackendUnavailableError(f"{path}: tensor {n!r} has TensorRT dtype {key}, which torch lacks")
-            dtypes[n] = TRT_TO_TORCH[key]
-        profiles = [Profile.from_dict(p) for p in sidecar.profiles]
-        if len(profiles) != engine.num_optimization_profiles:
-            raise BackendUnavailableError(f"{path} has {engine.num_optimization_profiles} optimization profiles but "
-                                          f"its sidecar lists {len(profiles)}; rebuild it")
-        for k, p in enumerate(profiles):  # the sidecar must describe the engine it sits beside
-            for n in inputs:
-                got = tuple(tuple(int(v) for v in s) for s in engine.get_tensor_profile_shape(n, k))
-                if got != (p[n].min, p[n].opt, p[n].max):
-                    raise BackendUnavailableError(f"{path}: profile {k} of input {n!r} is {got} in the engine but "
-                                                  f"{(p[n].min, p[n].opt, p[n].max)} in the sidecar; rebuild it")
-        dims = {n: list(t.get("dims", [])) for n, t in sidecar.io.items()}
+        for n, t in io.tensors.items():
+            if t["dtype"] not in TORCH_DTYPES:
+                raise BackendUnavailableError(f"{path}: tensor {n!r} has dtype {t['dtype']}, which torch lacks")
+            dtypes[n] = TORCH_DTYPES[t["dtype"]]
+        engine = opened.engine
+        with torch.cuda.device(device):
+            context = engine.create_execution_context()
+        profiles = [Profile.from_dict(p) for p in opened.sidecar.profiles]
+        dims = {n: list(t.get("dims", [])) for n, t in opened.sidecar.io.items()}
         stream = torch.cuda.Stream(device=device)
-        return cls(path, engine, context, profiles, inputs, outputs, dtypes, dims, device, stream)
+        return cls(path, engine, context, profiles, io.inputs, io.outputs, dtypes, dims, device, stream,
+                   tolerated=opened.tolerated)
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run on ``feeds`` (name -> tensor); outputs as float32 on the device of the first input."""
@@ -196,20 +186,23 @@ class TensorRTBackend:
 
 def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component: str, precision: str,
                  env: EngineEnvironment, device: torch.device) -> TrtEngine:
-    """Load one engine after checking its sidecar against the running TensorRT/GPU and the export's graph."""
+    """Load one engine after checking it against its sidecar, the running TensorRT/GPU and the export
+    (:func:`cvvae.engines.engine_check.open_engine`; a trtexec engine's first load records its sha256)."""
     path = manifest.engine_path(component, precision)
     hint = rebuild_command(manifest.export.get("dir"), manifest.directory, precision)
     if not path.exists():
         raise BackendUnavailableError(f"{path} is listed in {manifest.directory}/manifest.json but missing; {hint}")
-    sidecar = EngineSidecar.read(path.with_name(path.name + ".json"))
-    tolerated = check_current(sidecar.to_dict(), env.as_dict(), engine=str(path), rebuild_hint=hint,
-                              onnx_sha256=manifest.expected_onnx_sha256(component, precision),
-                              engine_sha256=sha256_file(path))
-    for mismatch in tolerated:
+
+    def deserialize(data: bytes) -> Any:
+        with torch.cuda.device(device):
+            return runtime.deserialize_cuda_engine(data)
+
+    opened = open_engine(path, trt=trt, deserialize=deserialize, environment=env,
+                         expected_onnx_sha256=manifest.expected_onnx_sha256(component, precision),
+                         export_io=expected_io(manifest.export_manifest(), component, precision), rebuild_hint=hint)
+    for mismatch in opened.tolerated:
         log.warning("%s: %s (loaded anyway)", path.name, mismatch)
-    engine = TrtEngine.load(trt, runtime, path, sidecar, device)
-    engine.tolerated = [str(m) for m in tolerated]
-    return engine
+    return TrtEngine.from_opened(opened, path, device)
 
 
 def load_tensorrt_backend(path: str | Path, **kwargs: Any) -> TensorRTBackend:

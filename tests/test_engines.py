@@ -274,7 +274,12 @@ def test_print_trtexec_cli_without_tensorrt(export_dir, tmp_path):
     assert shlex.split(lines[0])[1:3] == [f"--onnx={export_dir / 'encoder.fp16.onnx'}",
                                           f"--saveEngine={out / 'encoder.fp16.plan'}"]
     assert "memory estimate ~" in result.stderr
-    assert not out.exists()  # printing builds nothing
+    # printing builds no engine; it writes the sidecar of the one the command will build, and the directory manifest
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.fp16.plan.json", "manifest.json"]
+    side = EngineSidecar.read(out / "encoder.fp16.plan.json")
+    assert side.build["builder"] == "trtexec" and side.build["command"] == shlex.split(lines[0])
+    assert side.engine == {"file": "encoder.fp16.plan", "sha256": None, "size_bytes": None}
+    assert [p["name"] for p in side.profiles] == ["chunk", "image"]
 
 
 @pytest.mark.skipif(is_installed("tensorrt"), reason="checks the message shown when TensorRT is absent")
@@ -385,3 +390,227 @@ def test_sidecar_json_round_trip(tmp_path):
     assert EngineSidecar.read(path) == side
     with pytest.raises(StaleEngineError, match="has no sidecar encoder.fp32.plan.json"):
         EngineSidecar.read(tmp_path / "encoder.fp32.plan.json")
+
+
+# ----- engines built with trtexec: sidecars at print time, checked and recorded at first load -------------------------
+class FakeEngine:
+    """The ICudaEngine inspection methods engine_check uses, over plain data (DataType names as TensorRT spells them)."""
+
+    def __init__(self, tensors: dict[str, tuple[str, str, list[int]]], profiles: list[dict[str, tuple]]) -> None:
+        self.tensors, self.profiles = tensors, profiles
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.tensors)[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return FAKE_TRT.TensorIOMode.INPUT if self.tensors[name][0] == "input" else FAKE_TRT.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=self.tensors[name][1])
+
+    def get_tensor_shape(self, name: str) -> list[int]:
+        return self.tensors[name][2]
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.profiles)
+
+    def get_tensor_profile_shape(self, name: str, k: int) -> tuple:
+        return self.profiles[k][name]
+
+
+FAKE_TRT = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
+TRT_NAMES = {"float32": "FLOAT", "float16": "HALF"}
+
+
+def engine_like(side: EngineSidecar) -> FakeEngine:
+    """What TensorRT would report for the engine that side's trtexec command builds."""
+    tensors = {n: (t["mode"], TRT_NAMES[t["dtype"]], [d if isinstance(d, int) else -1 for d in t["dims"]])
+               for n, t in side.io.items()}
+    profiles = [{n: tuple(tuple(s[k]) for k in ("min", "opt", "max")) for n, s in p["shapes"].items()}
+                for p in side.profiles]
+    return FakeEngine(tensors, profiles)
+
+
+@pytest.fixture
+def trtexec_dir(export_dir, tmp_path) -> Path:
+    """An engine directory made by `--print-trtexec` (fp16 decoder), with a plan file as trtexec would write it."""
+    from cvvae.cli import main
+
+    out = tmp_path / "eng"
+    result = CliRunner().invoke(main, ["build-engines", "--export", str(export_dir), "--out", str(out),
+                                       "--components", "decoder", "--print-trtexec"])
+    assert result.exit_code == 0, result.output
+    (out / "decoder.fp16.plan").write_bytes(b"plan written by trtexec")
+    return out
+
+
+def open_decoder(out: Path, engines: dict[bytes, FakeEngine], env: EngineEnvironment = H100,
+                 onnx_sha256: str | None = None):
+    """engine_check.open_engine as the tensorrt backend calls it, with TensorRT's deserializer replaced by a dict."""
+    from cvvae.engines.engine_check import expected_io, open_engine
+
+    manifest = load_engine_dir(out)
+    deserialized = []
+
+    def deserialize(data: bytes):
+        deserialized.append(data)
+        return engines.get(data)
+
+    opened = open_engine(out / "decoder.fp16.plan", trt=FAKE_TRT, deserialize=deserialize, environment=env,
+                         expected_onnx_sha256=onnx_sha256 or manifest.expected_onnx_sha256("decoder", "fp16"),
+                         export_io=expected_io(manifest.export_manifest(), "decoder", "fp16"),
+                         rebuild_hint="cvvae build-engines ... --rebuild")
+    return opened, deserialized
+
+
+def test_print_trtexec_sidecar_says_what_the_command_builds(trtexec_dir, export_dir, manifest):
+    side = EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json")
+    assert side.onnx["sha256"] == manifest.graph_file("decoder", "fp16").sha256
+    assert side.io == {"latent": {"mode": "input", "dtype": "float16",
+                                  "dims": ["batch", 4, "latent_frames", "latent_height", "latent_width"]},
+                       "video": {"mode": "output", "dtype": "float16",
+                                 "dims": ["batch", 3, "frames", "height", "width"]}}
+    assert side.profiles == [{"name": "chunk", "shapes": {"latent": {"min": [1, 4, 1, 1, 1], "opt": [1, 4, 5, 8, 8],
+                                                                     "max": [1, 4, 5, 8, 8]}}}]
+    assert side.build["command"][:3] == ["trtexec", f"--onnx={export_dir / 'decoder.fp16.onnx'}",
+                                         f"--saveEngine={trtexec_dir / 'decoder.fp16.plan'}"]
+    assert side.environment == {} and side.engine["sha256"] is None
+    assert load_engine_dir(trtexec_dir).engines == {"decoder": {"fp16": {"file": "decoder.fp16.plan",
+                                                                         "sidecar": "decoder.fp16.plan.json"}}}
+
+
+def test_trtexec_engine_is_checked_then_recorded_at_first_load(trtexec_dir):
+    import hashlib
+
+    side = EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json")
+    engines = {b"plan written by trtexec": engine_like(side)}
+    opened, deserialized = open_decoder(trtexec_dir, engines)
+    assert opened.recorded and opened.io.inputs == ["latent"] and opened.io.outputs == ["video"]
+    recorded = EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json")
+    assert recorded.engine["sha256"] == hashlib.sha256(b"plan written by trtexec").hexdigest()
+    assert recorded.engine["size_bytes"] == 23 and recorded.environment == H100.as_dict()
+    assert recorded.build == side.build and recorded.profiles == side.profiles
+    # from now on it is verified like an engine built here: same bytes load, nothing more is recorded
+    again, _ = open_decoder(trtexec_dir, engines)
+    assert not again.recorded and again.sha256 == recorded.engine["sha256"]
+    # a rebuilt plan file is refused before TensorRT sees it, with the command that rebuilds it and the reset
+    (trtexec_dir / "decoder.fp16.plan").write_bytes(b"plan rebuilt later")
+    with pytest.raises(StaleEngineError) as e:
+        open_decoder(trtexec_dir, {b"plan rebuilt later": engine_like(side)})
+    message = str(e.value)
+    assert "engine file sha256 (plan file replaced since its first load recorded it)" in message
+    assert "Rebuild it: run its sidecar's command (from " in message and "trtexec --onnx=" in message
+    assert "--precision fp16 --print-trtexec --rebuild" in message
+    # another GPU than the one recorded at first load: refused as any engine
+    l4 = EngineEnvironment(H100.tensorrt_version, "12.8", "NVIDIA L4", "8.9")
+    (trtexec_dir / "decoder.fp16.plan").write_bytes(b"plan written by trtexec")
+    with pytest.raises(StaleEngineError, match="GPU: built with 'NVIDIA H100 80GB HBM3', now 'NVIDIA L4'"):
+        open_decoder(trtexec_dir, engines, env=l4)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda e: e.tensors.update(video=("output", "FLOAT", [-1, 3, -1, -1, -1])),
+     "I/O tensors: the engine has latent (input, float16), video (output, float32); its sidecar says latent (input, "
+     "float16), video (output, float16)"),
+    (lambda e: (setattr(e, "tensors", {"z": e.tensors["latent"], "video": e.tensors["video"]}),
+                setattr(e, "profiles", [{"z": p["latent"]} for p in e.profiles])),
+     "I/O tensors: the engine has z (input, float16), video (output, float16); its sidecar says latent (input, "
+     "float16), video (output, float16)"),
+    (lambda e: e.tensors.update(latent=("input", "HALF", [-1, 16, -1, -1, -1])),
+     "tensor 'latent': the engine's dims are [-1, 16, -1, -1, -1]; its sidecar says ['batch', 4, 'latent_frames', "
+     "'latent_height', 'latent_width']"),
+    (lambda e: e.profiles[0].update(latent=((1, 4, 1, 1, 1), (1, 4, 5, 8, 8), (1, 4, 5, 16, 16))),
+     "profile 0 of input 'latent': (min, opt, max) is (1x4x1x1x1, 1x4x5x8x8, 1x4x5x16x16) in the engine but "
+     "(1x4x1x1x1, 1x4x5x8x8, 1x4x5x8x8) in its sidecar"),
+    (lambda e: e.profiles.append(e.profiles[0]),
+     "optimization profiles: the engine has 2; its sidecar lists 1"),
+])
+def test_foreign_trtexec_engine_is_refused_at_first_load(trtexec_dir, change, expected):
+    sidecar_before = (trtexec_dir / "decoder.fp16.plan.json").read_bytes()
+    foreign = engine_like(EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json"))
+    change(foreign)
+    with pytest.raises(StaleEngineError) as e:
+        open_decoder(trtexec_dir, {b"plan written by trtexec": foreign})
+    lines = str(e.value).splitlines()
+    assert lines[0] == (f"engine {trtexec_dir / 'decoder.fp16.plan'} does not match its sidecar and export (a "
+                        "foreign engine, or one built by another command; nothing was recorded):")
+    assert f"  {expected}" in lines
+    assert (trtexec_dir / "decoder.fp16.plan.json").read_bytes() == sidecar_before  # nothing recorded
+
+
+def test_trtexec_engine_of_a_changed_graph_is_refused_before_deserializing(trtexec_dir):
+    with pytest.raises(StaleEngineError, match=r"ONNX sha256: built with '[0-9a-f]{64}', now 'f{64}'"):
+        open_decoder(trtexec_dir, {}, onnx_sha256="f" * 64)
+
+
+def test_undeserializable_trtexec_engine_names_the_fix(trtexec_dir):
+    from cvvae.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 10\.8\.0\.43 could not deserialize .*decoder\.fp16"
+                                                      r"\.plan \(built by another TensorRT version or for another "
+                                                      r"GPU\?\); run its sidecar's command"):
+        open_decoder(trtexec_dir, {})
+    assert EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json").engine["sha256"] is None
+
+
+def test_engine_built_here_is_checked_against_its_sidecar(export_dir, tmp_path, fake_trt_build):
+    out = tmp_path / "eng"
+    build.build_engines(export_dir, out, "fp16", environment=H100, components=["decoder"])
+    side = EngineSidecar.read(out / "decoder.fp16.plan.json")
+    plan = (out / "decoder.fp16.plan").read_bytes()
+    opened, deserialized = open_decoder(out, {plan: engine_like(side)})
+    assert not opened.recorded and deserialized == [plan]
+    wrong = engine_like(side)
+    wrong.profiles[0]["latent"] = ((1, 4, 1, 1, 1), (1, 4, 1, 1, 1), (1, 4, 1, 1, 1))
+    with pytest.raises(StaleEngineError, match=r"\(its sidecar does not describe it\):\n  profile 0 of input 'latent'"):
+        open_decoder(out, {plan: wrong})
+
+
+def test_print_trtexec_again_keeps_a_recorded_sidecar_and_refuses_another_command(trtexec_dir, export_dir):
+    from cvvae.cli import main
+
+    side = EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json")
+    open_decoder(trtexec_dir, {b"plan written by trtexec": engine_like(side)})
+    recorded = (trtexec_dir / "decoder.fp16.plan.json").read_bytes()
+    args = ["build-engines", "--export", str(export_dir), "--out", str(trtexec_dir), "--components", "decoder",
+            "--print-trtexec"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "decoder.fp16.plan.json: sidecar current, kept" in result.stderr
+    assert (trtexec_dir / "decoder.fp16.plan.json").read_bytes() == recorded
+    # another command for the same plan file: refused, nothing changed; --rebuild writes a pending sidecar
+    result = CliRunner().invoke(main, args + ["--batch", "1,1,2"])
+    assert result.exit_code == 1
+    assert f"{trtexec_dir / 'decoder.fp16.plan'} exists, made by trtexec for something else:" in result.stderr
+    assert "profiles: built with 'chunk: latent 1x4x1x1x1..1x4x5x8x8', now 'chunk: latent 1x4x1x1x1..2x4x5x8x8'" \
+        in result.stderr
+    assert (trtexec_dir / "decoder.fp16.plan.json").read_bytes() == recorded
+    result = CliRunner().invoke(main, args + ["--batch", "1,1,2", "--rebuild"])
+    assert result.exit_code == 0, result.output
+    fresh = EngineSidecar.read(trtexec_dir / "decoder.fp16.plan.json")
+    assert fresh.engine["sha256"] is None and "--maxShapes=latent:2x4x5x8x8" in fresh.build["command"]
+    assert (trtexec_dir / "decoder.fp16.plan").read_bytes() == b"plan written by trtexec"  # never deleted here
+
+
+def test_print_trtexec_refuses_to_residecar_an_engine_built_here(export_dir, tmp_path, fake_trt_build):
+    from cvvae.cli import main
+
+    out = tmp_path / "eng"
+    build.build_engines(export_dir, out, "fp16", environment=H100, components=["decoder"])
+    before = (out / "decoder.fp16.plan.json").read_bytes()
+    result = CliRunner().invoke(main, ["build-engines", "--export", str(export_dir), "--out", str(out),
+                                       "--components", "decoder", "--print-trtexec"])
+    assert result.exit_code == 1
+    assert "exists, made by tensorrt-python for something else:\n  builder: built with 'tensorrt-python', now " \
+           "'trtexec'" in result.stderr
+    assert (out / "decoder.fp16.plan.json").read_bytes() == before
+
+
+def test_build_engines_refuses_a_pending_trtexec_engine(trtexec_dir, export_dir, fake_trt_build):
+    with pytest.raises(StaleEngineError, match="engine: built with 'a trtexec build whose first load has not "
+                                               "checked and recorded it yet'"):
+        build.build_engines(export_dir, trtexec_dir, "fp16", environment=H100, components=["decoder"])
