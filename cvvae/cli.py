@@ -33,8 +33,8 @@ def torch_dtype(name: str):
 
 
 def one_line(e: BaseException) -> str:
-    """``Type: message`` on one line (a message spanning lines is joined), as the CLI prints errors."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+    """``Type: message``, as the CLI prints errors."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _os_error_message(e: OSError) -> str:
@@ -83,13 +83,16 @@ class DeviceParam(click.ParamType):
 
     name = "device"
 
-    def __init__(self, *, tensorrt: bool = False) -> None:
-        self.tensorrt = tensorrt
+    def __init__(self, *, tensorrt: bool = False, auto: bool = False) -> None:
+        self.tensorrt, self.auto = tensorrt, auto
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value).strip().lower()
+        if text == "auto" and self.auto:
+            return text
         if not DEVICE_PATTERN.match(text) or (text.startswith("tensorrt") and not self.tensorrt):
-            choices = "cpu, cuda, cuda:N" + (", tensorrt[:N] (onnxruntime)" if self.tensorrt else "")
+            choices = ("auto, " if self.auto else "") + "cpu, cuda, cuda:N" + (
+                ", tensorrt[:N] (onnxruntime)" if self.tensorrt else "")
             self.fail(f"{value!r} is not a device; use one of {choices}", param, ctx)
         return text
 

@@ -115,7 +115,10 @@ def run_tiles(fn: ComponentFn, x: torch.Tensor, rows: AxisTiles, cols: AxisTiles
 
 
 def count_nonfinite(values: torch.Tensor) -> int:
-    """Number of NaN/Inf entries (the only array operations used: isfinite, logical not, sum)."""
+    """Number of NaN/Inf entries (the only array operations used: isfinite, logical not, sum); 0 for shape-only
+    (meta) tensors, which hold no values (FLOP counting runs the executor on them)."""
+    if getattr(values, "is_meta", False):
+        return 0
     return int((~torch.isfinite(values)).sum())
 
 

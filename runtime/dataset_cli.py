@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cvvae.cli import handle_errors, plan_overrides, positive_size
+from cvvae.cli import DeviceParam, handle_errors, plan_overrides, positive_size
 from cvvae.runtime.cli import load_runtime, progress_bar, runtime_options
 from cvvae.runtime import dataset as ds
 from cvvae.runtime.dataset import ClipPolicy, DatasetError, EncoderSpec, RayOptions
@@ -98,6 +98,7 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
 for _param in encode_dataset.params:  # the shared runtime options default to cpu; a dataset job looks at the cluster
     if _param.name == "device":
         _param.default = "auto"
+        _param.type = DeviceParam(tensorrt=True, auto=True)
         _param.help = "auto (cuda when the Ray cluster or this machine has GPUs), cpu, cuda[:N]."
 
 
