@@ -6,16 +6,20 @@ Commands of other parts of the toolkit (export, runtime, training, ...) are list
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
 import logging
+import re
 import sys
 from typing import Any, Callable
 
 import click
 
 from .errors import CVVAEError
+from .memory import available_memory, format_bytes, plan_memory
+from .plan import SUMMARY_HEAD
 
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -28,17 +32,85 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def one_line(e: BaseException) -> str:
+    """``Type: message``, as the CLI prints errors."""
+    return f"{type(e).__name__}: {e}"
+
+
+def _os_error_message(e: OSError) -> str:
+    """A full disk or a file-size limit says so plainly (numpy and safetensors report them cryptically)."""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        where = f" {e.filename}" if e.filename else ""
+        reason = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size limit was reached",
+                  errno.EDQUOT: "the disk quota is exhausted"}[e.errno]
+        return (f"OSError: could not write{where}: {reason} (errno {e.errno}); free some space or write elsewhere; "
+                "nothing was left behind")
+    return one_line(e)
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn the toolkit's expected errors into a one-line message and exit status 2 (no traceback)."""
+    """Turn the toolkit's expected errors into a one-line message and exit status 1, without a traceback.
+
+    Usage errors (bad options or arguments: ``click.UsageError``/``BadParameter``) pass through to click, which exits
+    with status 2; everything else the toolkit refuses (bad files, models, memory, disk) exits with status 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (CVVAEError, OSError, ValueError) as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+        except OSError as e:
+            raise click.ClickException(_os_error_message(e)) from e
+        except (CVVAEError, ValueError) as e:
+            raise click.ClickException(one_line(e)) from e
+        except MemoryError as e:
+            raise click.ClickException(f"MemoryError: ran out of memory {' '.join(str(e).split())}; use a smaller "
+                                       "--size, --tile-size or --chunk-frames") from e
+        except RuntimeError as e:
+            if "can't allocate memory" in str(e) or type(e).__name__ == "OutOfMemoryError":
+                raise click.ClickException(f"MemoryError: {' '.join(str(e).split())[:300]}; use a smaller --size, "
+                                           "--tile-size or --chunk-frames") from e
+            raise
 
     return wrapper
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|tensorrt(:\d+)?)$")
+
+
+class DeviceParam(click.ParamType):
+    """``cpu``, ``cuda``, ``cuda:N`` (and ``tensorrt[:N]`` where ONNX Runtime's TensorRT provider is meant)."""
+
+    name = "device"
+
+    def __init__(self, *, tensorrt: bool = False, auto: bool = False) -> None:
+        self.tensorrt, self.auto = tensorrt, auto
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if text == "auto" and self.auto:
+            return text
+        if not DEVICE_PATTERN.match(text) or (text.startswith("tensorrt") and not self.tensorrt):
+            choices = ("auto, " if self.auto else "") + "cpu, cuda, cuda:N" + (
+                ", tensorrt[:N] (onnxruntime)" if self.tensorrt else "")
+            self.fail(f"{value!r} is not a device; use one of {choices}", param, ctx)
+        return text
+
+
+def positive_size(value: str | None, option: str, axes: str = "HxW") -> tuple[int, ...] | None:
+    """``"256x448"`` -> ``(256, 448)`` (None stays None); a malformed or non-positive value is a usage error."""
+    if value is None:
+        return None
+    example = {"HxW": "256x448", "TxHxW": "17x256x256"}[axes]
+    try:
+        parts = tuple(int(v) for v in value.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != len(axes.split("x")):
+        raise click.BadParameter(f"expected {axes} such as {example}, got {value!r}", param_hint=option)
+    if min(parts) < 1:
+        raise click.BadParameter(f"every size in {value!r} must be at least 1", param_hint=option)
+    return parts
 
 
 def model_options(fn: Callable) -> Callable:
@@ -50,7 +122,8 @@ def model_options(fn: Callable) -> Callable:
         click.option("--preset", default=None, help="Architecture preset for a bare weights file "
                                                     "(cvvae-v1, cvvae-sd3, tiny-v1, tiny-sd3)."),
         click.option("--subfolder", default=None, help="vae3d* subfolder of a multi-model folder."),
-        click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1)."),
+        click.option("--device", type=DeviceParam(), default="cpu", show_default=True,
+                     help="torch device (cpu, cuda, cuda:1)."),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True),
         click.option("--trust-checkpoint", is_flag=True, help="Allow pickled extras in a trusted .ckpt/.pt."),
     ]
@@ -62,9 +135,11 @@ def model_options(fn: Callable) -> Callable:
 def plan_options(fn: Callable) -> Callable:
     """Chunk/tile overrides (defaults come from the model config)."""
     options = [
-        click.option("--chunk-frames", type=int, default=None, help="Frames per encode chunk (multiple of 4)."),
-        click.option("--tile-size", type=int, default=None, help="Spatial tile in pixels."),
-        click.option("--tile-overlap", type=float, default=None, help="Tile overlap ratio in [0,1)."),
+        click.option("--chunk-frames", type=click.IntRange(min=1), default=None,
+                     help="Frames per encode chunk (multiple of 4)."),
+        click.option("--tile-size", type=click.IntRange(min=1), default=None, help="Spatial tile in pixels."),
+        click.option("--tile-overlap", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+                     help="Tile overlap ratio in [0,1)."),
         click.option("--no-tiling", is_flag=True, help="Run every frame as one spatial tile."),
         click.option("--no-chunking", is_flag=True, help="Run the whole video as one temporal chunk."),
     ]
@@ -201,14 +276,16 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
         "checkpoint": checkpoint,
     }
     if size:
-        try:
-            t, h, w = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"expected TxHxW such as 17x256x256, got {size!r}", param_hint="--size")
         from .plan import PlanSettings, make_plan
 
-        settings = PlanSettings.from_config(cfg, **plan_overrides(**plan_kw))
-        data["plan"] = make_plan(settings, t, h, w).describe()
+        t, h, w = positive_size(size, "--size", "TxHxW")
+        settings = plan_settings_or_usage_error(functools.partial(PlanSettings.from_config, cfg),
+                                                **plan_overrides(**plan_kw))
+        plan = make_plan(settings, t, h, w)
+        data["plan"] = plan.describe()
+        estimate = plan_memory(plan, cfg, batch_tiles=False, direction="both")
+        available = available_memory()
+        data["memory"] = {**estimate.as_dict(), "available_bytes": available}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -221,15 +298,29 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
     click.echo(f"compression  time x{cfg.time_compress}, space x{cfg.spatial_compress}; "
                "T frames -> 1+(T-1)//4 latents; L latents -> 4(L-1)+1 frames")
     click.echo(f"scaling      {cfg.scaling_factor}  shift {cfg.shift_factor}")
-    click.echo(f"chunk/tile   {cfg.chunk_frames} frames/chunk, tile {cfg.tile_spatial_size} px, "
-               f"overlap {cfg.tile_overlap_ratio}")
+    chunking = "no temporal chunking" if cfg.chunk_frames is None else f"{cfg.chunk_frames} frames/chunk"
+    tiling = ("no spatial tiling" if cfg.tile_spatial_size is None
+              else f"tile {cfg.tile_spatial_size} px, overlap {cfg.tile_overlap_ratio}")
+    click.echo(f"chunk/tile   {chunking}, {tiling}")
     if "plan" in data:
         p = data["plan"]
+
+        def chunks(key: str, count: int) -> str:
+            spans = p[key]
+            if count <= len(spans):
+                return str(spans)
+            head, tail = spans[:SUMMARY_HEAD], spans[SUMMARY_HEAD:]
+            return f"{count:,} chunks: {str(head)[:-1]}, ... {str(tail)[1:]}"
+
         click.echo(f"plan         input {p['input']} -> padded {p['padded']} -> latent {p['latent']}")
-        click.echo(f"             encode chunks (frames) {p['encode_chunks_frames']}")
-        click.echo(f"             decode chunks (latents) {p['decode_chunks_latents']}")
-        click.echo(f"             tile rows px {p['tile_rows_px']}, cols px {p['tile_cols_px']}, "
-                   f"overlap {p['tile_overlap_px']} px")
+        click.echo(f"             encode chunks (frames) {chunks('encode_chunks_frames', p['encode_chunk_count'])}")
+        click.echo(f"             decode chunks (latents) {chunks('decode_chunks_latents', p['decode_chunk_count'])}")
+        click.echo(f"             tiles {p['tile_row_count']} x {p['tile_col_count']}: rows px "
+                   f"{chunks('tile_rows_px', p['tile_row_count'])}, cols px "
+                   f"{chunks('tile_cols_px', p['tile_col_count'])}, overlap {p['tile_overlap_px']} px")
+        fits = "" if available is None else (f" of {format_bytes(available)} available" + (
+            "" if estimate.total <= available else ": too large, this plan would be refused"))
+        click.echo(f"memory       about {estimate.describe()}{fits}")
 
 
 def _is_export_dir(model_path: str | None) -> bool:
@@ -282,3 +373,13 @@ def describe_without_torch(model_path: str | None) -> tuple[Any, tuple[int | Non
     checkpoint = checkpoint or {"source": str(weights), "sha256": sha256_file(weights),
                                 "config_source": str(path / "config.json")}
     return cfg, (sum(counts.values()), counts["encoder"], counts["decoder"]), checkpoint
+
+
+def plan_settings_or_usage_error(make: Callable[..., Any], **overrides: Any) -> Any:
+    """Plan settings with the chunk/tile options applied; an invalid combination is a usage error (exit 2)."""
+    from .plan import PlanError
+
+    try:
+        return make(**overrides)
+    except PlanError as e:
+        raise click.UsageError(f"invalid chunk/tile options: {e}") from None

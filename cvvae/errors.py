@@ -26,3 +26,11 @@ class ExportError(CVVAEError, RuntimeError):
 class IntegrityError(CVVAEError, RuntimeError):
     """A file whose sha256 differs from the one recorded when it was written, or a manifest naming a file outside
     its folder: it is not loaded."""
+
+
+class ResourceError(CVVAEError, RuntimeError):
+    """A job that needs more memory than this machine has available (the message gives the estimate)."""
+
+
+class NonFiniteError(CVVAEError, FloatingPointError):
+    """NaN or Inf in an input, or produced by a component (e.g. fp16 overflow): stopped instead of writing garbage."""

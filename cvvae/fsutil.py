@@ -422,3 +422,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def cache_root() -> Path:
     """``$CVVAE_CACHE``, else ``~/.cache/cvvae``: where exports and verified hashes are cached."""
     return Path(os.environ.get("CVVAE_CACHE", Path.home() / ".cache" / "cvvae"))
+
+
+@contextlib.contextmanager
+def reporting_target(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError without a file name (a failed write on an open temporary) as one naming ``path``.
+
+    A full disk then reads "could not write OUT.safetensors", not an anonymous "[Errno 28]".
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise

@@ -19,7 +19,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from .arrays import to_numpy
 from .errors import InputError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, reporting_target
 
 FORMAT = "cvvae-latents/1"
 
@@ -61,9 +61,11 @@ def save_latents(path: str | Path, mean: Any, logvar: Any | None, *, num_frames:
     tensors = {"mean": np.ascontiguousarray(to_numpy(mean, np.float32))}
     if logvar is not None:
         tensors["logvar"] = np.ascontiguousarray(to_numpy(logvar, np.float32))
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        # bytes into our own temporary: save_file would make a second, private (0600) temporary of its own
-        tmp.write_bytes(safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    # serialized here and written by Python into our own temporary: a full disk is an OSError(ENOSPC), not a
+    # SafetensorError, and save_file's own private (0600) temporary never exists
+    data = safetensors_bytes(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
+    with reporting_target(path), atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
@@ -77,7 +79,9 @@ def load_latents(path: str | Path) -> LatentFile:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise InputError(f"cannot read {path} as a .npy array: {e}") from e
-        return LatentFile(np.ascontiguousarray(arr, dtype=np.float32), None)
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise InputError(f"{path} holds {arr.dtype} values; expected float latents")
+        return check_latent_file(LatentFile(np.ascontiguousarray(arr, dtype=np.float32), None), path)
     if path.suffix != ".safetensors":
         raise InputError(f"latent file {path} must be .safetensors or .npy, not {path.suffix or 'no suffix'}")
     try:
@@ -96,9 +100,34 @@ def load_latents(path: str | Path) -> LatentFile:
         except json.JSONDecodeError:
             meta[k] = v
     logvar = tensors.get("logvar")
-    return LatentFile(tensors[key].astype(np.float32, copy=False),
-                      None if logvar is None else logvar.astype(np.float32, copy=False), meta.get("num_frames"),
-                      meta.get("height"), meta.get("width"), meta)
+    return check_latent_file(LatentFile(tensors[key].astype(np.float32, copy=False),
+                                        None if logvar is None else logvar.astype(np.float32, copy=False),
+                                        meta.get("num_frames"), meta.get("height"), meta.get("width"), meta), path)
+
+
+def check_latent_file(f: LatentFile, path: str | Path) -> LatentFile:
+    """Refuse a latent file that cannot be decoded: wrong rank, an empty axis, NaN/Inf, or unusable metadata."""
+    from .tiling import count_nonfinite
+
+    z = f.mean
+    if z.ndim not in (4, 5):
+        raise InputError(f"{path} holds a latent of shape {tuple(z.shape)} ({z.ndim}-D); expected (B, z, L, h, w) "
+                         "or (z, L, h, w)")
+    if 0 in z.shape:
+        raise InputError(f"{path} holds an empty latent of shape {tuple(z.shape)}; every axis needs at least 1")
+    if f.logvar is not None and f.logvar.shape != z.shape:
+        raise InputError(f"{path}: logvar {tuple(f.logvar.shape)} does not match mean {tuple(z.shape)}")
+    for name in ("num_frames", "height", "width"):
+        value = getattr(f, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{path}: metadata {name}={value!r} is not a positive integer; the file is damaged "
+                             "(remove the key to decode at the latent's full size)")
+    for name, values in (("mean", z), ("logvar", f.logvar)):
+        bad = 0 if values is None else count_nonfinite(values)
+        if bad:
+            raise InputError(f"{path}: {name} has {bad:,} NaN/Inf values out of {values.size:,}; latents must be "
+                             "finite (decoding them would give a black or garbage video)")
+    return f
 
 
 def check_latent_matches(latents: LatentFile, cfg: Any, model_sha256: str | None, *,

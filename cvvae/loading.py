@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig, preset as get_preset
-from .errors import CheckpointError
 from .default_model import DEFAULT_MODEL_DIR
+from .errors import BackendUnavailableError, CheckpointError, InputError
 from .fsutil import atomic_path, sha256_file
+from .memory import check_model_fits
 from .model import CVVAE
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,19 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         except Exception as e:  # safetensors raises several types for damaged files
             raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it is neither safetensors nor a torch zip/pickle file (it starts with "
+            f"{head!r}); pass a CV-VAE folder, a .safetensors file or a torch .pt/.ckpt"
+        )
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:
-        hint = "" if trust_pickle else (
+        hint = "" if trust_pickle or "Weights only load failed" not in str(e) else (
             "; if it is a trusted Lightning checkpoint with pickled extras, pass trust_pickle=True "
             "(CLI: --trust-checkpoint)"
         )
@@ -161,10 +172,34 @@ def check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: s
         )
 
 
+def torch_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or an error that says why not (unknown name, no CUDA in this build, no such GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise BackendUnavailableError(
+                f"device {device!r}: this PyTorch build ({torch.__version__}) has no CUDA support; use --device cpu "
+                "or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise BackendUnavailableError(f"device {device!r}: no CUDA GPU is visible; use --device cpu")
+        if (dev.index or 0) >= count:
+            raise BackendUnavailableError(f"device {device!r}: only {count} CUDA GPU(s) are visible "
+                                          f"(cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def create_model(config: ModelConfig | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> CVVAE:
     """A model with random weights (deterministic for a seed), for benchmarks and tests."""
     cfg = get_preset(config) if isinstance(config, str) else config
+    device = torch_device(device)
+    check_model_fits(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CVVAE(cfg)
@@ -177,6 +212,7 @@ def load_model(path: str | Path | None = None, *, preset: str | None = None, con
                subfolder: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", trust_pickle: bool = False) -> CVVAE:
     """Load a CV-VAE from a folder, a weights file, ``random:PRESET``, or (``path=None``) the built-in default model."""
+    device = torch_device(device)
     if path is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise CheckpointError(
@@ -203,9 +239,12 @@ def load_model(path: str | Path | None = None, *, preset: str | None = None, con
             config, config_source = ModelConfig.from_json_file(beside), str(beside)
     if config is None and preset is not None:
         config, config_source = get_preset(preset), f"preset {preset}"
+    if config is not None:
+        check_model_fits(config)  # before reading the weights
     sd, ignored = normalize_state_dict(read_state_dict(weights, trust_pickle=trust_pickle))
     if config is None:
         config, config_source = infer_config(sd), "inferred from tensor shapes"
+        check_model_fits(config)
     model = CVVAE(config)
     check_keys(model, sd, str(weights))
     model.load_state_dict(sd)

@@ -16,8 +16,9 @@ the input size for any setting; for settings where the official rounding is cons
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from .config import ModelConfig
 
@@ -50,9 +51,10 @@ class PlanSettings:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **overrides: Any) -> "PlanSettings":
-        base = dict(chunk_frames=cfg.chunk_frames, tile_size=cfg.tile_spatial_size,
-                    tile_overlap_ratio=cfg.tile_overlap_ratio, time_compress=cfg.time_compress,
-                    spatial_compress=cfg.spatial_compress)
+        base: dict[str, Any] = dict(chunk_frames=cfg.chunk_frames, tile_size=cfg.tile_spatial_size,
+                                    time_compress=cfg.time_compress, spatial_compress=cfg.spatial_compress)
+        if cfg.tile_overlap_ratio is not None:  # null (no tiling): a --tile-size override gets the default overlap
+            base["tile_overlap_ratio"] = cfg.tile_overlap_ratio
         base.update(overrides)
         return cls(**base)
 
@@ -127,14 +129,69 @@ def split_axis(length: int, tile: int | None, overlap: int) -> AxisTiles:
     return AxisTiles(tuple(starts), sizes, overlap, keeps)
 
 
-def split_time(length: int, chunk: int | None) -> tuple[Chunk, ...]:
+class TimeChunks(Sequence[Chunk]):
+    """Chunks of ``chunk + 1`` items every ``chunk`` items of a time axis, computed on access.
+
+    A sequence rather than a tuple so that a plan for any length (10^8 frames) costs O(1) memory and time.
+    """
+
+    def __init__(self, length: int, chunk: int | None) -> None:
+        self.length, self.chunk = length, chunk
+        self._count = 1 if chunk is None else max(1, math.ceil((length - 1) / chunk))
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> Chunk: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Chunk]: ...
+
+    def __getitem__(self, index: int | slice) -> Chunk | list[Chunk]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"chunk {index} of {self._count}")
+        if self.chunk is None:
+            return Chunk(0, self.length, False)
+        start = index * self.chunk
+        return Chunk(start, min(start + self.chunk + 1, self.length), index > 0)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TimeChunks):
+            return (self.length, self._count, self.chunk) == (other.length, other._count, other.chunk)
+        return isinstance(other, (tuple, list)) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash((self.length, self.chunk))
+
+    def __repr__(self) -> str:
+        return f"TimeChunks(length={self.length}, chunk={self.chunk}, count={self._count})"
+
+    def summary(self) -> list[list[int]]:
+        """[start, stop] of every chunk, or of the first and last few when there are many (:func:`summarize`)."""
+        return [[self[i].start, self[i].stop] for i in summarize(range(len(self)))]
+
+
+SUMMARY_HEAD, SUMMARY_TAIL = 3, 2
+
+
+def summarize(items: Sequence[Any]) -> list[Any]:
+    """All items, or the first :data:`SUMMARY_HEAD` and the last :data:`SUMMARY_TAIL` when there are more."""
+    n = len(items)
+    if n <= SUMMARY_HEAD + SUMMARY_TAIL:
+        return [items[i] for i in range(n)]
+    return [items[i] for i in (*range(SUMMARY_HEAD), *range(n - SUMMARY_TAIL, n))]
+
+
+def split_time(length: int, chunk: int | None) -> TimeChunks:
     """Chunks of ``chunk + 1`` items every ``chunk`` items (consecutive chunks share one item), spec 6.2/6.3."""
     if length < 1:
         raise PlanError(f"cannot chunk a time axis of length {length}")
-    if chunk is None:
-        return (Chunk(0, length, False),)
-    rounds = max(1, math.ceil((length - 1) / chunk))
-    return tuple(Chunk(n * chunk, min(n * chunk + chunk + 1, length), n > 0) for n in range(rounds))
+    return TimeChunks(length, chunk)
 
 
 @dataclass(frozen=True)
@@ -148,8 +205,8 @@ class VideoPlan:
     padded_frames: int       # 1 + 4k >= num_frames (trailing frames repeat the last one)
     padded_height: int       # multiple of spatial_compress >= height (bottom rows replicate the edge)
     padded_width: int
-    encode_chunks: tuple[Chunk, ...]   # in frames
-    decode_chunks: tuple[Chunk, ...]   # in latents
+    encode_chunks: TimeChunks          # in frames
+    decode_chunks: TimeChunks          # in latents
     rows: AxisTiles                    # in latent cells
     cols: AxisTiles
 
@@ -170,17 +227,26 @@ class VideoPlan:
         return len(self.rows) * len(self.cols)
 
     def describe(self) -> dict[str, Any]:
-        """Plain data for manifests, `cvvae info` and latent-file metadata."""
+        """Plain data for manifests, `cvvae info` and latent-file metadata.
+
+        Chunk lists of long videos are summarized: the first 3 and the last 2 chunks, with the counts beside them.
+        """
         s = self.settings.spatial_compress
         return {
             "settings": self.settings.as_dict(),
             "input": [self.num_frames, self.height, self.width],
             "padded": [self.padded_frames, self.padded_height, self.padded_width],
             "latent": [self.latent_frames, self.latent_height, self.latent_width],
-            "encode_chunks_frames": [[c.start, c.stop] for c in self.encode_chunks],
-            "decode_chunks_latents": [[c.start, c.stop] for c in self.decode_chunks],
-            "tile_rows_px": [[st * s, (st + sz) * s] for st, sz in zip(self.rows.starts, self.rows.sizes)],
-            "tile_cols_px": [[st * s, (st + sz) * s] for st, sz in zip(self.cols.starts, self.cols.sizes)],
+            "encode_chunk_count": len(self.encode_chunks),
+            "decode_chunk_count": len(self.decode_chunks),
+            "encode_chunks_frames": self.encode_chunks.summary(),
+            "decode_chunks_latents": self.decode_chunks.summary(),
+            "tile_row_count": len(self.rows),
+            "tile_col_count": len(self.cols),
+            "tile_rows_px": [[self.rows.starts[i] * s, (self.rows.starts[i] + self.rows.sizes[i]) * s]
+                             for i in summarize(range(len(self.rows)))],
+            "tile_cols_px": [[self.cols.starts[i] * s, (self.cols.starts[i] + self.cols.sizes[i]) * s]
+                             for i in summarize(range(len(self.cols)))],
             "tile_overlap_px": self.rows.overlap * s if len(self.rows) > 1 else self.cols.overlap * s,
         }
 

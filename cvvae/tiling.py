@@ -14,10 +14,12 @@ above), then left edge (with the already-blended tile to the left), before any c
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Literal
 
 from array_api_compat import array_namespace, device as array_device
 
+from .errors import NonFiniteError
 from .plan import AxisTiles, Chunk, VideoPlan
 
 Array = Any  # any array of the array API standard: numpy.ndarray, Array, cupy.ndarray, ...
@@ -139,13 +141,37 @@ def run_tiles(fn: ComponentFn, x: Array, rows: AxisTiles, cols: AxisTiles, *, in
 def _join(pieces: list[Array], axis: int) -> Array:
     """Concatenate along ``axis``; a single piece is returned as it is (a view: one tile costs no copy)."""
     return pieces[0] if len(pieces) == 1 else array_namespace(pieces[0]).concat(pieces, axis=axis)
+def count_nonfinite(values: Array) -> int:
+    """Number of NaN/Inf entries, in any array library (array API: isfinite, logical_not, sum); 0 for shape-only
+    (meta) tensors, which hold no values (FLOP counting runs the executor on them)."""
+    if getattr(values, "is_meta", False):
+        return 0
+    xp = array_namespace(values)
+    return int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(values)), xp.int64)))
+
+
+def check_finite(values: Array, what: str, chunk: Chunk, unit: str, advice: str) -> None:
+    """Stop when a chunk's input or output holds NaN/Inf, naming what it is and which chunk, instead of passing it on.
+
+    Every backend's tiles go through :func:`encode_chunk` / :func:`decode_chunk`, so this one check covers them all.
+    """
+    bad = count_nonfinite(values)
+    if bad:
+        raise NonFiniteError(f"{what} of the chunk of {unit} {chunk.start}-{chunk.stop - 1} has {bad:,} NaN/Inf "
+                             f"values out of {math.prod(values.shape):,}; {advice}")
+
+
+_OUTPUT_ADVICE = ("stopped instead of writing garbage; with --precision fp16 this is an overflow: use fp32 (or a "
+                  "graph whose fp32 islands cover it), else check the model's weights")
 
 
 def encode_chunk(fn: ComponentFn, frames: Array, plan: VideoPlan, chunk: Chunk, *,
                  batch_tiles: bool = False) -> Array:
     """Moments of one temporal chunk of padded frames (the chunk's own frames, B,3,t,H,W)."""
     s = plan.settings.spatial_compress
+    check_finite(frames, "input pixels", chunk, "frames", "the input must hold finite pixels in [-1, 1]")
     moments = run_tiles(fn, frames, plan.rows, plan.cols, in_scale=s, out_scale=1, batch_tiles=batch_tiles)
+    check_finite(moments, "encoder output", chunk, "frames", _OUTPUT_ADVICE)
     return moments[:, :, 1:] if chunk.drop_first else moments
 
 
@@ -153,7 +179,10 @@ def decode_chunk(fn: ComponentFn, latents: Array, plan: VideoPlan, chunk: Chunk,
                  batch_tiles: bool = False) -> Array:
     """Pixels of one temporal chunk of latents (the chunk's own latents, B,z,l,h,w); uncropped."""
     s = plan.settings.spatial_compress
+    check_finite(latents, "input latents", chunk, "latents", "latents must be finite; were they made by a "
+                 "diverged model or a broken sampler?")
     pixels = run_tiles(fn, latents, plan.rows, plan.cols, in_scale=1, out_scale=s, batch_tiles=batch_tiles)
+    check_finite(pixels, "decoder output", chunk, "latents", _OUTPUT_ADVICE)
     return pixels[:, :, 1:] if chunk.drop_first else pixels
 
 
@@ -209,7 +238,8 @@ class StreamingEncoder:
         self.chunks_done = 0
 
     def _run(self, frames: Array) -> Array:
-        chunk = Chunk(0, frames.shape[2], drop_first=self.chunks_done > 0)
+        start = 0 if self.chunk is None else self.chunks_done * self.chunk  # chunk n starts at frame 16n
+        chunk = Chunk(start, start + frames.shape[2], drop_first=self.chunks_done > 0)
         self.chunks_done += 1
         return encode_chunk(self.fn, frames, self.plan, chunk, batch_tiles=self.batch_tiles)
 

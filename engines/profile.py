@@ -243,13 +243,15 @@ def default_spec(manifest: Any, *, batch: Range = (1, 1, 1), image_profile: bool
 
     Encoder: frames 1..chunk_frames+1 (opt the full chunk), height/width ``spatial_compress``..tile px (opt the
     tile). Decoder: latent_frames 1..chunk_frames/time_compress+1, latent height/width 1..tile/spatial_compress cells.
-    With no chunking or tiling in the plan, the model config's chunk and tile sizes bound the profile instead.
+    With no chunking or tiling in the plan, the model config's chunk and tile sizes bound the profile instead (the
+    released 16 frames / 576 px when the config has none either).
     ``image_profile`` adds a single-frame profile (T = 1 / one latent) to each component.
     """
     cfg = manifest.model_config()
     plan = manifest.plan_settings()
-    chunk = plan.chunk_frames or cfg.chunk_frames
-    tile = plan.tile_size or cfg.tile_spatial_size
+    release = type(cfg)()  # a config with null chunk/tile (official "none") falls back to the released 16 / 576
+    chunk = plan.chunk_frames or cfg.chunk_frames or release.chunk_frames
+    tile = plan.tile_size or cfg.tile_spatial_size or release.tile_spatial_size
     s, tc = plan.spatial_compress, plan.time_compress
     tile = max(s, tile // s * s)
     frames, latents, cells = chunk + 1, chunk // tc + 1, tile // s

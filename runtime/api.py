@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..export.contract import LOGVAR_CLAMP
 from ..fsutil import cache_root
 from ..latent_io import LatentFile, check_latent_matches, load_latents, save_latents
+from ..memory import check_plan_fits
 from ..plan import PlanSettings, VideoPlan, fit_plan, make_latent_plan, make_plan
 from ..precision import PrecisionChoice, recorded_bf16_psnr, resolve_precision
 from .backends import BACKENDS, Backend, default_backend
@@ -199,6 +200,12 @@ class VideoVAE:
             self._fitted[key] = settings
         return self._fitted[key]
 
+    def check_memory(self, num_frames: int, height: int, width: int, *, batch: int = 1,
+                     direction: str = "both") -> None:
+        """Refuse a video whose plan needs more memory than is available, before any frame is read or decoded."""
+        check_plan_fits(self.plan(num_frames, height, width), self.config, batch=batch,
+                        batch_tiles=self.batch_tiles, direction=direction)
+
     # ----- encode ---------------------------------------------------------------------------------------------
     def encode(self, frames: Any, *, metadata: dict[str, Any] | None = None,
                on_progress: ProgressFn | None = None) -> Latents:
@@ -240,10 +247,11 @@ class VideoVAE:
     def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
                      **read_kwargs: Any) -> Latents:
         """Encode a video file, reading it chunk by chunk (PyAV); fps and source go into the metadata."""
-        from .video_io import iter_video_frames, probe_video
+        from .video_io import iter_video_frames, probe_video, selected_shape
 
         info = probe_video(path)
-        total = _selected_count(info.num_frames, read_kwargs)
+        total, height, width = selected_shape(path, **read_kwargs)
+        self.check_memory(total, height, width, direction="encode")  # before a frame is read
         frames = iter_video_frames(path, chunk_size=chunk_size, **read_kwargs)
         fps = info.fps / read_kwargs.get("stride", 1)
         return self._collect(self.encode_stream(frames, total_frames=total, on_progress=on_progress),
@@ -268,6 +276,7 @@ class VideoVAE:
         settings = self.settings_for(latents.num_frames, latents.height, latents.width, ("decode",))
         plan = make_latent_plan(settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
                                 height=latents.height, width=latents.width)
+        check_plan_fits(plan, self.config, batch=z.shape[0], batch_tiles=self.batch_tiles, direction="decode")
         done = 0
         for pixels in tiling.iter_decode(self.backend.decoder, xp.astype(z, xp.float32, copy=False), plan,
                                          batch_tiles=self.batch_tiles):
@@ -323,6 +332,8 @@ class EncodeSession:
             raise InputError(f"frames have {x.shape[1]} channels, the model takes {self.vae.config.in_channels}")
         if self.plan is None:
             self.plan = self.vae.plan(max(1, x.shape[2]), x.shape[3], x.shape[4], ("encode",))
+            self.vae.check_memory(self.total_frames or self.plan.num_frames, self.plan.height, self.plan.width,
+                                  batch=x.shape[0], direction="encode")
             self.streamer = tiling.StreamingEncoder(self.vae.backend.encoder, self.plan,
                                                     batch_tiles=self.vae.batch_tiles)
         elif x.shape[3:] != (self.plan.height, self.plan.width):
@@ -351,12 +362,6 @@ class EncodeSession:
 def _split_moments(moments: Array) -> tuple[Array, Array]:
     z = moments.shape[1] // 2
     return moments[:, :z], arrays.namespace(moments).clip(moments[:, z:], *LOGVAR_CLAMP)
-
-
-def _selected_count(num_frames: int, kw: dict[str, Any]) -> int:
-    start, end, stride = kw.get("start", 0), kw.get("end") or num_frames, kw.get("stride", 1)
-    n = max(0, -(-(min(end, num_frames) - start) // stride))
-    return min(n, kw["max_frames"]) if kw.get("max_frames") else n
 
 
 EXPORT_CACHE_FORMAT = 2  # bump when the export code changes what an existing cache entry would hold

@@ -19,7 +19,7 @@ import numpy as np
 from .. import arrays
 from ..arrays import Array
 from ..config import ModelConfig
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError, ExportError, InputError
 from ..extras import INSTALL_HINTS, is_installed, lazy_import, require
 from ..plan import PlanSettings
 
@@ -136,19 +136,49 @@ class OrtComponent:
         # the arena keeps every size it ever served (8.2 GiB peak on the README job vs 2.4 GiB without, issue 16);
         # off under a memory budget, where glibc's raised thresholds (cvvae.allocator) keep the reuse instead
         options.enable_cpu_mem_arena = cpu_mem_arena
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime's errors derive from Exception only (InvalidProtobuf, Fail, ...)
+            raise ExportError(f"cannot load ONNX graph {path}: {_first_line(e)}; the file is damaged or not an "
+                              "ONNX model: re-export into a fresh directory (cvvae export)") from e
         self.inputs = self.session.get_inputs()
         self.outputs = [o.name for o in self.session.get_outputs()]
+        if len(self.inputs) != 1 or self.inputs[0].type not in ORT_DTYPES:
+            found = ", ".join(f"{i.name}: {i.type}" for i in self.inputs) or "none"
+            raise ExportError(f"ONNX graph {path} takes ({found}); a CV-VAE component takes one float tensor")
         self.output_dtypes = [ORT_DTYPES[o.type] for o in self.session.get_outputs()]
         self.input_dtype = ORT_DTYPES[self.inputs[0].type]
         self.output_shapes = output_shapes
         self.on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
+    def check_contract(self, component: str, channels: int) -> None:
+        """Refuse a graph that is not this component of this model (e.g. encoder and decoder files swapped)."""
+        from ..export import contract
+
+        want_in, want_out = ((contract.ENCODER_INPUT, contract.ENCODER_OUTPUTS) if component == contract.ENCODER
+                             else (contract.DECODER_INPUT, (contract.DECODER_OUTPUT,)))
+        got_in, got_out = self.inputs[0].name, tuple(self.outputs)
+        shape = self.inputs[0].shape
+        if got_in != want_in or got_out != tuple(want_out):
+            raise ExportError(
+                f"{self.path} is not the {component} graph: it maps {got_in!r} -> {', '.join(got_out)}, the "
+                f"{component} maps {want_in!r} -> {', '.join(want_out)}; were graph files swapped or copied from "
+                "elsewhere? Re-export into a fresh directory")
+        if len(shape) != 5 or shape[1] != channels:
+            raise ExportError(
+                f"{self.path} takes {want_in!r} of shape {shape}, but this model's {component} takes (B, {channels}, "
+                "T, H, W); the graph belongs to another model: re-export into a fresh directory")
+
     def __call__(self, x: Array) -> list[Array]:
         if self.on_cuda and arrays.on_cuda(x):
             return self._run_bound(x)
         feed = np.ascontiguousarray(arrays.to_numpy(x, self.input_dtype))
-        results = self.session.run(self.outputs, {self.inputs[0].name: feed})
+        try:
+            results = self.session.run(self.outputs, {self.inputs[0].name: feed})
+        except Exception as e:  # onnxruntime's errors derive from Exception only
+            raise ExportError(f"ONNX Runtime failed running {self.path.name} on an input of shape "
+                              f"{tuple(feed.shape)}: {_first_line(e)}") from e
         return [arrays.like(r.astype(np.float32, copy=False), x) for r in results]
 
     def _run_bound(self, x: Array) -> list[Array]:
@@ -211,6 +241,9 @@ class OnnxRuntimeBackend:
                 )
             graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads,
                                              output_shapes=shapes[component], cpu_mem_arena=cpu_mem_arena)
+            config = manifest.model_config()
+            graphs[component].check_contract(
+                component, config.in_channels if component == "encoder" else config.latent_channels)
         return cls(export_dir, manifest, graphs["encoder"], graphs["decoder"], precision)
 
     @property
@@ -239,6 +272,12 @@ class OnnxRuntimeBackend:
 
     def decoder(self, latent: Array) -> Array:
         return self._graph("decoder")(latent)[0]
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's can span many)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def encoded_shape(cfg: ModelConfig, video_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from cvvae.cli import handle_errors, plan_overrides
-from cvvae.runtime.cli import load_runtime, parse_hw, progress_bar, runtime_options
+from cvvae.cli import DeviceParam, handle_errors, plan_overrides, positive_size
+from cvvae.runtime.cli import load_runtime, progress_bar, runtime_options
 from cvvae.runtime import dataset as ds
 from cvvae.runtime.dataset import ClipPolicy, DatasetError, EncoderSpec, RayOptions
 
@@ -70,7 +70,7 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"not JSON: {e}", param_hint="--ray-runtime-env") from None
     policy = ClipPolicy(clip_frames, clip_stride, clip_step, max_clips_per_video,
-                        tuple(parse_hw(s, "--size") for s in sizes), resize)
+                        tuple(positive_size(s, "--size") for s in sizes), resize)
     spec = EncoderSpec(_model_arg(model_path), backend, device, precision, batch_tiles, preset,
                        plan_overrides(**plan_kw), latents, seed)
     with progress_bar("encode-dataset", None) as update:
@@ -98,6 +98,7 @@ def encode_dataset(inputs, output, executor, ray_address, ray_runtime_env, encod
 for _param in encode_dataset.params:  # the shared runtime options default to cpu; a dataset job looks at the cluster
     if _param.name == "device":
         _param.default = "auto"
+        _param.type = DeviceParam(tensorrt=True, auto=True)
         _param.help = "auto (cuda when the Ray cluster or this machine has GPUs), cpu, cuda[:N]."
 
 

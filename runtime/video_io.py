@@ -19,6 +19,7 @@ Pixel helpers :func:`frames_to_tensor` / :func:`tensor_to_frames` convert betwee
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import numbers
 import os
@@ -158,6 +159,11 @@ def _check_hw(name: str, value: Any) -> HW:
     return h, w
 
 
+def _ffmpeg_can_scale(height: int, width: int) -> bool:
+    """FFmpeg's image size check (libavutil av_image_check_size2, any pixel format): larger frames fail with EINVAL."""
+    return (8 * width + 1024) * (height + 128) < 2**31
+
+
 def _plan(
     info: VideoInfo,
     start: int,
@@ -194,6 +200,11 @@ def _plan(
             raise VideoError(f"resize_short_side must be >= 1, got {resize_short_side}")
         scale = resize_short_side / min(resize_hw)
         resize_hw = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
+    if not _ffmpeg_can_scale(*resize_hw):
+        raise VideoError(
+            f"frames of {resize_hw[0]}x{resize_hw[1]} are beyond what FFmpeg can scale (it needs "
+            f"(8*W + 1024) * (H + 128) < 2^31, about 16000x16000 at most); choose a smaller size"
+        )
     crop_hw = None
     if center_crop is not None:
         crop_hw = _check_hw("center_crop", center_crop)
@@ -257,6 +268,14 @@ def read_video(
     for n, rgb in enumerate(_iter_selected(info.path, plan), 1):
         out[n - 1] = rgb
     return out[:n], replace(info, stride=stride)
+
+
+def selected_shape(path: PathLike, **selection: Any) -> tuple[int, int, int]:
+    """(T, H, W) of what ``read_video(path, **selection)`` would return, from the container's header alone."""
+    bound = inspect.signature(read_video).bind(path, **selection)
+    bound.apply_defaults()
+    _, plan = _prepare(*bound.arguments.values())  # read_video's parameters, in _prepare's order
+    return (len(plan.indices), *plan.frame_hw)
 
 
 def iter_video_frames(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cvvae.cli import handle_errors
+from cvvae.cli import DeviceParam, handle_errors
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import check_writable_target
 from cvvae.extras import is_installed
@@ -53,7 +53,7 @@ def _echo_progress(message: str) -> None:
 @click.option("--reps", type=int, default=None, help="Timed repetitions per measurement (median; default 3).")
 @click.option("--warmup", type=int, default=None, help="Warm-up runs on the first chunk (default 1).")
 @click.option("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: usable cores).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", type=DeviceParam(), default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--gemm-seconds", type=float, default=None, help="Length of each GEMM-peak measurement (default 2).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write bench.json, bench.md and PNG plots into this directory.")

@@ -371,9 +371,13 @@ def render_html(report: Report, config: ReportConfig) -> str:
                 f"<img src=\"{e(img['heat'])}\" alt=\"{e(r.target)} error frame {t}\"></figure>")
         sections.append(f"<h3>Frame {t}</h3>\n<div class=frames>\n" + "\n".join(cards) + "\n</div>")
     plan = report.plan
-    plan_text = (f"plan: padded {plan.get('padded')}, latent {plan.get('latent')}, "
-                 f"{len(plan.get('encode_chunks_frames', []))} encode chunk(s), "
-                 f"{len(plan.get('tile_rows_px', [])) * len(plan.get('tile_cols_px', []))} tile(s)") if plan else ""
+    plan_text = ""
+    if plan:  # counts, not the list lengths: describe() summarizes long lists
+        tiles = plan.get("tile_row_count", len(plan.get("tile_rows_px", []))) * plan.get(
+            "tile_col_count", len(plan.get("tile_cols_px", [])))
+        chunks = plan.get("encode_chunk_count", len(plan.get("encode_chunks_frames", [])))
+        plan_text = (f"plan: padded {plan.get('padded')}, latent {plan.get('latent')}, {chunks} encode chunk(s), "
+                     f"{tiles} tile(s)")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
