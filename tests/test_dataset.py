@@ -254,7 +254,7 @@ def test_kill_midway_then_rerun_keeps_finished_shards(tmp_path, small_videos):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-c", "from cvvae.cli import main; main()", "encode-dataset", *map(str, small_videos),
            "-o", str(out), "--executor", "local", "--model", MODEL, "--clip-frames", "9", "--size", "64x64",
-           "--clips-per-shard", "2"]
+           "--clips-per-shard", "2", "--backend", "torch", "--precision", "fp32"]  # SPEC's (the CLI's: auto)
     env = {**os.environ, KILL_AFTER_ENV: "2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
