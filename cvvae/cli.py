@@ -257,7 +257,8 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
     """Config, parameter count, compression factors and the chunk/tile plan for an input size."""
     from .extras import is_installed
 
-    if is_installed("torch") and not _is_export_dir(model_path):
+    builtin_default = model_path is None and not (preset or subfolder)  # described from its files, torch or not
+    if is_installed("torch") and not builtin_default and not _is_export_dir(model_path):
         model = load_from_options(model_path, preset, subfolder, device, dtype, trust_checkpoint)
         cfg = model.config
         counts = (model.num_parameters(), sum(p.numel() for p in model.encoder.parameters()),
