@@ -85,7 +85,9 @@ def test_cached_export_key_covers_weights_options_and_versions(golden_v1, monkey
     assert api.export_cache_key(model, ExportConfig(opset=18)) != base
     assert api.export_cache_key(model, ExportConfig(precisions=("fp32",))) != base
     assert api.export_cache_key(load_model("random:tiny-v1"), ExportConfig()) != base
-    monkeypatch.setattr(api.torch, "__version__", "0.0.0-another-torch")
+    import torch  # export_cache_key imports torch lazily (the runtime module itself never does)
+
+    monkeypatch.setattr(torch, "__version__", "0.0.0-another-torch")
     assert api.export_cache_key(model, ExportConfig()) != base
 
 
