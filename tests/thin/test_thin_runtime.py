@@ -146,9 +146,9 @@ def test_two_threads_decode_at_once(default_vae):
 
 def test_runtime_path_never_imports_torch(tmp_path):
     """Encode, stream-decode, two threads and the CLI in a fresh interpreter: torch is never imported (installed or
-    not)."""
+    not). ``doctor`` runs only where torch is absent: where it is installed, doctor asks it for the GPUs by design."""
     script = textwrap.dedent(f"""
-        import sys, threading
+        import importlib.util, sys, threading
         import numpy as np
         from click.testing import CliRunner
         from cvvae.cli import main
@@ -165,7 +165,7 @@ def test_runtime_path_never_imports_torch(tmp_path):
                       "--backend", "onnxruntime"],
                      ["decode", {str(tmp_path / 'z.safetensors')!r}, "-o", {str(tmp_path / 'y.mp4')!r},
                       "--backend", "onnxruntime"],
-                     ["info"], ["doctor"]):
+                     ["info"], *([["doctor"]] if importlib.util.find_spec("torch") is None else [])):
             r = CliRunner().invoke(main, args)
             assert r.exit_code == 0, (args, r.output)
         print("torch" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx")))
