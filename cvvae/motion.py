@@ -83,20 +83,30 @@ def _fit_center(rng: np.random.Generator, extent_lo: np.ndarray, extent_hi: np.n
     return float(rng.uniform(lo, hi))
 
 
-def pan(rng: np.random.Generator, source: np.ndarray, frames: int, size: int, velocity: tuple[float, float]
-        ) -> np.ndarray | None:
-    """The camera moves by ``velocity`` (vx, vy) output px per frame over ``source``; None if it does not fit."""
-    steps = np.arange(frames, dtype=np.float64)
-    half = (size - 1) / 2.0  # farthest sampled pixel centre from the crop centre
-    path = np.stack([steps * velocity[0], steps * velocity[1]], axis=1)
+def _place_path(rng: np.random.Generator, path: np.ndarray, half: np.ndarray | float, source: np.ndarray
+                ) -> np.ndarray | None:
+    """``path`` (frames, 2: x, y) moved to a random start where every frame's +-``half`` window stays inside
+    ``source``; None where no start fits."""
     start = []
     for axis, length in ((0, source.shape[1]), (1, source.shape[0])):
         c = _fit_center(rng, path[:, axis] - half, path[:, axis] + half, length)
         if c is None:
             return None
         start.append(c)
+    return path + np.array(start)
+
+
+def pan(rng: np.random.Generator, source: np.ndarray, frames: int, size: int, velocity: tuple[float, float]
+        ) -> np.ndarray | None:
+    """The camera moves by ``velocity`` (vx, vy) output px per frame over ``source``; None if it does not fit."""
+    steps = np.arange(frames, dtype=np.float64)
+    half = (size - 1) / 2.0  # farthest sampled pixel centre from the crop centre
+    path = np.stack([steps * velocity[0], steps * velocity[1]], axis=1)
+    placed = _place_path(rng, path, half, source)
+    if placed is None:
+        return None
     # content at output x is source x + path: the picture slides by -velocity in the output
-    return warp_frames(source, path + np.array(start), size, padding="border")
+    return warp_frames(source, placed, size, padding="border")
 
 
 def zoom(rng: np.random.Generator, source: np.ndarray, frames: int, size: int, rate: float,
@@ -106,13 +116,10 @@ def zoom(rng: np.random.Generator, source: np.ndarray, frames: int, size: int, r
     mags = np.exp(rate * steps)
     half = ((size - 1) / 2.0) / mags  # farthest sampled pixel centre of each frame, in source px
     path = np.stack([steps * drift[0], steps * drift[1]], axis=1)
-    start = []
-    for axis, length in ((0, source.shape[1]), (1, source.shape[0])):
-        c = _fit_center(rng, path[:, axis] - half, path[:, axis] + half, length)
-        if c is None:
-            return None
-        start.append(c)
-    return warp_frames(source, path + np.array(start), size, magnifications=mags, padding="border")
+    placed = _place_path(rng, path, half, source)
+    if placed is None:
+        return None
+    return warp_frames(source, placed, size, magnifications=mags, padding="border")
 
 
 def rotate(rng: np.random.Generator, source: np.ndarray, frames: int, size: int, degrees_per_frame: float
