@@ -40,6 +40,25 @@ def pad_space(x: torch.Tensor, left: int, right: int, top: int, bottom: int, mod
     return F.pad(x, (left, right, top, bottom, 0, 0), mode="replicate")
 
 
+def inference_inplace() -> bool:
+    """Whether activations may be overwritten in place: pure inference only.
+
+    Under autograd the backward pass needs the inputs of SiLU and of the residual sum, and while tracing or
+    exporting (ONNX) the graph must stay as written; elsewhere (``torch.no_grad``/``inference_mode`` runs of the
+    runtime) writing SiLU and the residual sum into buffers that are dead afterwards removes one full-resolution
+    tensor from each resnet's peak (measured on the default model's decoder, one 17x256x456 chunk: peak RSS
+    4.93 -> 3.96 GiB, same user time, 40 % fewer page faults; outputs bitwise equal). :class:`Conv2dWithExtraDim`
+    also switches to its 3D form then.
+    """
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def silu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """SiLU, in place when ``inplace`` (``x`` must be a fresh temporary nobody else holds)."""
+    return F.silu(x, inplace=inplace)
+
+
 class CausalConv3d(nn.Conv3d):
     """3D conv that sees only the past in time (spec 2.2; SD3 in 7).
 
@@ -62,9 +81,18 @@ class CausalConv3d(nn.Conv3d):
 
 
 class Conv2dWithExtraDim(nn.Conv2d):
-    """A 2D conv applied to every frame of a B,C,T,H,W tensor (spec 2.4). The weight stays 4D."""
+    """A 2D conv applied to every frame of a B,C,T,H,W tensor (spec 2.4). The weight stays 4D.
+
+    Written as frames-into-batch (transpose, 2D conv, transpose back), the form exported to ONNX and used in
+    training. In pure inference it runs as the same conv with a 1 x k x k 3D kernel instead: no transposed copy of
+    the input and a contiguous output (default model's decoder, one 17x256x456 chunk: peak RSS 3.96 -> 2.81 GiB with
+    the in-place resnet, 2x fewer page faults; outputs within 2e-6 of the 2D form).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_inplace() and isinstance(self.padding, tuple) and self.padding_mode == "zeros":
+            return F.conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding),
+                            (1, *self.dilation), self.groups)
         b, _, t = x.shape[:3]
         y = super().forward(x.transpose(1, 2).flatten(0, 1))
         return y.reshape(b, t, y.shape[1], y.shape[2], y.shape[3]).transpose(1, 2)
@@ -103,12 +131,13 @@ class ResnetBlock3D(nn.Module):
             self.add_module(shortcut_name, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = inference_inplace()
+        h = self.conv1(silu(self.norm1(x), inplace))
+        h = self.conv2(silu(self.norm2(h), inplace))
         shortcut = getattr(self, self.shortcut_name, None)
         if shortcut is not None:
             x = shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -245,7 +274,7 @@ def ldm_encoder_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
             h = block(h)
         if hasattr(level, "downsample"):
             h = level.downsample(h)
-    return encoder.conv_out(F.silu(encoder.norm_out(encoder.mid(h))))
+    return encoder.conv_out(silu(encoder.norm_out(encoder.mid(h)), inference_inplace()))
 
 
 def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -256,4 +285,4 @@ def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
             h = block(h)
         if hasattr(level, "upsample"):
             h = level.upsample(h)
-    return decoder.conv_out(F.silu(decoder.norm_out(h)))
+    return decoder.conv_out(silu(decoder.norm_out(h), inference_inplace()))
