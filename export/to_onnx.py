@@ -55,6 +55,7 @@ from cvvae.errors import ExportError
 from cvvae.export import contract
 from cvvae.export.contract import COMPONENT_SPECS, ComponentSpec
 from cvvae.export.precision import Fp16Rule, Precision, convert_precision, parse_precisions, select_fp32_nodes
+from cvvae.extras import lazy_import
 from cvvae.fsutil import atomic_path, check_writable_target
 from cvvae.model import CVVAE
 
@@ -213,11 +214,7 @@ def export_raw(module: nn.Module, spec: ComponentSpec, sample: torch.Tensor, *, 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim's passes: constants folded, dead nodes and unused initializers removed, common subexpressions and
     identical initializers merged, repeated until nothing changes. Graph I/O names, types and dims are kept."""
-    try:
-        import onnxslim
-    except ImportError as e:
-        raise ExportError("export needs the onnxslim package (pip install 'cvvae-deploy[torch]' or "
-                          "pip install 'onnxslim>=0.1.98')") from e
+    onnxslim = lazy_import("onnxslim", "ONNX export (graph simplification)")
     slimmed = onnxslim.slim(model)
     if slimmed is None:  # only with model_check, which is off; keep the failure explicit all the same
         raise ExportError("onnxslim could not simplify the graph")

@@ -349,6 +349,19 @@ def test_simplify_folds_and_merges_on_hand_built_graph():
     assert [o.name for o in m.graph.output] == ["y", "s"] and m.graph.input[0].name == "x"
 
 
+def test_simplify_without_onnxslim_says_what_to_install(monkeypatch):
+    from cvvae.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "onnxslim", None)  # import fails as if not installed
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(BackendUnavailableError, match=r"ONNX export \(graph simplification\) needs the 'onnxslim' "
+                                                      r"package, which is not installed: pip install "
+                                                      r'"cvvae-deploy\[torch\]"'):
+        simplify(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
+
+
 def test_tensorrt_check_flags_problems():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)
