@@ -7,6 +7,8 @@ with the hand-written passes these replaced, run it on the commit before (``git 
 ``clean_graph`` is ours.
 
     python benchmarks/graph_hygiene.py [--model random:cvvae-v1] [--frames 9] [--size 64] [--json out.json]
+
+Needs the torch extra and onnx-graphsurgeon (``pip install onnx-graphsurgeon``; no extra installs it).
 """
 
 from __future__ import annotations
