@@ -17,6 +17,7 @@ TORCH_EXTRA = 'pip install "cvvae-deploy[torch]" (in a checkout: pip install "to
 INSTALL_HINTS = {
     "torch": TORCH_EXTRA,
     "onnx": TORCH_EXTRA,
+    "onnxslim": TORCH_EXTRA,
     "matplotlib": TORCH_EXTRA,
     "skimage": TORCH_EXTRA,
     "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers) - never both",

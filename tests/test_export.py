@@ -26,7 +26,7 @@ from cvvae.export import contract
 from cvvae.export.inspect_onnx import inspect_graph
 from cvvae.export.manifest import load_manifest
 from cvvae.export.precision import Precision
-from cvvae.export.to_onnx import ExportConfig, export_model, fold_constants, merge_duplicate_nodes
+from cvvae.export.to_onnx import ExportConfig, export_model, simplify
 from cvvae.export.verify import (TOLERANCES, Tolerance, VerifyCase, check_tensorrt_ready, compare, ort_session,
                                  run_graph, smooth_video)
 from cvvae.loading import load_model
@@ -320,9 +320,9 @@ def test_compare_hand_computed():
     assert bad.nonfinite == 1 and not bad.passed
 
 
-def test_fold_and_merge_on_hand_built_graph():
-    """x -> Reshape(x, Where(Equal(ConstantOfShape([2]) * -1, [-1, 6]), ...)) folds to a constant shape; two equal
-    Shape nodes merge into one."""
+def test_simplify_folds_and_merges_on_hand_built_graph():
+    """onnxslim (export's graph hygiene): Reshape(x, Where(Equal(ConstantOfShape([2]) * -1, [-1, 6]), ...)) folds
+    to a constant shape [1, 6]; two equal Shape nodes merge into one; the dead chain and its initializers go."""
     nodes = [
         helper.make_node("ConstantOfShape", ["two"], ["ones"],
                          value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
@@ -340,13 +340,26 @@ def test_fold_and_merge_on_hand_built_graph():
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                            helper.make_tensor_value_info("s", TensorProto.INT64, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
-    assert fold_constants(m) == 4
-    assert merge_duplicate_nodes(m) == 1
-    assert [n.op_type for n in m.graph.node] == ["Reshape", "Shape", "Add"]
-    folded = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    assert folded["shape"].tolist() == [1, 6]
-    assert m.graph.node[2].input[:] == ["s1", "s1"]
+    m = simplify(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
+    assert sorted(n.op_type for n in m.graph.node) == ["Add", "Reshape", "Shape"]
+    folded = {i.name: numpy_helper.to_array(i).tolist() for i in m.graph.initializer}
+    assert folded == {"shape": [1, 6]}
+    add = next(n for n in m.graph.node if n.op_type == "Add")
+    assert add.input[0] == add.input[1] == next(n for n in m.graph.node if n.op_type == "Shape").output[0]
+    assert [o.name for o in m.graph.output] == ["y", "s"] and m.graph.input[0].name == "x"
+
+
+def test_simplify_without_onnxslim_says_what_to_install(monkeypatch):
+    from cvvae.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "onnxslim", None)  # import fails as if not installed
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(BackendUnavailableError, match=r"ONNX export \(graph simplification\) needs the 'onnxslim' "
+                                                      r"package, which is not installed: pip install "
+                                                      r'"cvvae-deploy\[torch\]"'):
+        simplify(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
 
 
 def test_tensorrt_check_flags_problems():
