@@ -351,12 +351,13 @@ class Pipeline:
         statuses: list[str] = []
         for p in self.engine_precisions:
             builders = build.plan_engines(self.export_dir, self.engine_dir, p, spec=default_spec(manifest))
-            self._write_commands(f"polygraphy.{p}", [shlex.join(polygraphy_command(b)) for b in builders])
             if unavailable:
                 from cvvae.engines.trtexec import write_trtexec_sidecars
 
                 written = write_trtexec_sidecars(builders, self.export_dir, self.engine_dir, rebuild=rebuild)
                 self._write_commands(f"trtexec.{p}", [t.builder.trtexec_line() for t in written])
+            self._write_commands(f"polygraphy.{p}", [shlex.join(polygraphy_command(b)) for b in builders])
+            if unavailable:
                 continue
             with self._log(f"engines.{p}") as log:
                 results = build.build_engines(self.export_dir, self.engine_dir, p, spec=default_spec(manifest),
@@ -389,9 +390,10 @@ class Pipeline:
             self.result.parity += rows
             (kept if current else ran).append(f"{backend}-{precision}")
         bad = [c for c in self.result.parity if not c.passed]
+        size = "x".join(map(str, self.config.size))
         detail = "; ".join(filter(None, [f"ran {', '.join(ran)}" if ran else "",
-                                         f"current {', '.join(kept)}" if kept else "", *notes]))
-        detail += f" on {Path(self.clip).name}, {self.config.frames} frames at {self.config.size[0]}x{self.config.size[1]}"
+                                         f"current {', '.join(kept)}" if kept else ""]))
+        detail = "; ".join([f"{detail} on {Path(self.clip).name}, {self.config.frames} frames at {size}", *notes])
         if bad:
             raise DeployError(f"{len(bad)} parity output(s) above tolerance: "
                               + "; ".join(f"{c.name} {c.precision}: {c.failure()}" for c in bad))
