@@ -1,4 +1,4 @@
-"""The one comparison/tolerance module (cvvae.compare), the metrics it uses, and the one ONNX Runtime session factory."""
+"""The one comparison/tolerance module (cvvae.compare), the metrics it uses, and the ONNX Runtime session factory."""
 
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ def polygraphy_command(builder: Any) -> list[str]:
     return cmd
 
 
-# ----- the pipeline -------------------------------------------------------------------------------------------------------
+# ----- the pipeline ---------------------------------------------------------------------------------------------------
 class Pipeline:
     """One run of the steps over ``config.out``; each ``step_*`` returns (status, detail) or raises."""
 
@@ -271,7 +271,8 @@ class Pipeline:
         status, detail = "given", spec
         if spec is None:
             if (DEFAULT_MODEL_DIR / "config.json").exists():
-                spec, status, detail = str(DEFAULT_MODEL_DIR), "default", f"{DEFAULT_MODEL_DIR} (the built-in default model)"
+                spec, status = str(DEFAULT_MODEL_DIR), "default"
+                detail = f"{DEFAULT_MODEL_DIR} (the built-in default model)"
             else:
                 spec, status = FALLBACK_MODEL, "fallback"
                 detail = f"{spec} (no built-in default model in cvvae/weights/default)"

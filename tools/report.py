@@ -403,8 +403,8 @@ model <code>{e(report.model)}</code> · {e(plan_text)}</p>
 </tbody>
 </table>
 <p class="meta">Against the original clip; errors in pixel units ([0, 1]); PSNR and SSIM as in
-<code>cvvae.metrics</code> (SSIM: Gaussian 11x11 window on [0, 1] floats); timings are one run each, not a benchmark (see
-<code>cvvae bench</code>).</p>
+<code>cvvae.metrics</code> (SSIM: Gaussian 11x11 window on [0, 1] floats); timings are one run each, not a benchmark
+(see <code>cvvae bench</code>).</p>
 {f'<ul class="skipped">{skipped}</ul>' if skipped else ''}
 
 <h2>Per-frame quality</h2>
