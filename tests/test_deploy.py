@@ -82,6 +82,23 @@ def test_engine_step_without_tensorrt_says_why_and_writes_the_commands(first_run
     assert "polygraphy run" in summary and "trtexec --onnx=" in summary and summary.endswith("result: ok")
 
 
+def test_engines_of_another_export_of_this_run_are_replaced(first_run):
+    """--int8 added (or dropped) switches the export the engines come from: OUT/engines is rebuilt, not refused."""
+    from cvvae.tools.deploy import Pipeline
+
+    out, _ = first_run
+    pipeline = Pipeline(_config(out))
+    assert pipeline._engines_from_other_export() is False
+    other = out / "export-int8"
+    other.mkdir()
+    try:
+        (other / "manifest.json").write_text((out / "export" / "manifest.json").read_text() + "\n")
+        pipeline.export_dir = other
+        assert pipeline._engines_from_other_export() is True
+    finally:
+        shutil.rmtree(other)
+
+
 def test_second_run_skips_current_steps(first_run):
     out, _ = first_run
     export_mtime = (out / "export" / "manifest.json").stat().st_mtime_ns

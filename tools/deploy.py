@@ -336,6 +336,7 @@ class Pipeline:
                              overwrite=int8_dir.exists(), on_progress=log)
         self.state.record("int8", inputs, _export_files(int8_dir))
         self.export_dir = int8_dir
+        self.exported = True  # new graphs: engines and their sidecars are rebuilt
         return "done", f"int8 graphs in {int8_dir}"
 
     def step_engines(self) -> tuple[str, str]:
@@ -347,7 +348,7 @@ class Pipeline:
         self.engine_precisions = [self.config.precision]
         if self.config.int8 and any("int8" in manifest.precisions(c) for c in manifest.components):
             self.engine_precisions.append("int8")
-        rebuild = self.config.force or self.exported
+        rebuild = self.config.force or self.exported or self._engines_from_other_export()
         unavailable = tensorrt_unavailable()
         statuses: list[str] = []
         for p in self.engine_precisions:
@@ -422,6 +423,16 @@ class Pipeline:
             tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
         self.state.record(step, inputs, [result])
         return rows, False
+
+    def _engines_from_other_export(self) -> bool:
+        """Whether OUT/engines holds engines (or sidecars) of another of this run's exports (export/ vs export-int8/,
+        after --int8 was added or dropped): this pipeline wrote them, so they are replaced rather than refused."""
+        try:
+            recorded = json.loads((self.engine_dir / "manifest.json").read_text())["export"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        ours = Path(recorded.get("dir", "")).parent == self.out
+        return ours and recorded.get("manifest_sha256") != sha256_file(self.export_dir / "manifest.json")
 
     def _write_commands(self, name: str, lines: list[str]) -> None:
         self.result.commands[name] = lines
