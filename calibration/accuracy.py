@@ -7,8 +7,9 @@ For each clip and each precision (fp32, fp16, int8: those the manifest lists), t
 * **decoder**: the fp32 latents decoded by this precision's decoder, against the fp32 decode and the input frames;
 * **round trip**: this precision's encoder then decoder, against the fp32 round trip and the input frames.
 
-Pixel metrics: PSNR on [-1, 1] data (range 2, equal to PSNR on [0, 1]), SSIM on uint8 frames
-(:func:`cvvae.metrics.ssim_video`), max abs error, and the *PSNR drop*: PSNR(fp32 vs input) - PSNR(this vs input).
+Pixel metrics: PSNR on [-1, 1] data (range 2, equal to PSNR on [0, 1]), SSIM on [0, 1] floats with a Gaussian
+11x11 window (:func:`cvvae.metrics.ssim_video`), max abs error, and the *PSNR drop*: PSNR(fp32 vs input) - PSNR(this
+vs input).
 Output directory (written atomically): ``report.md``, ``report.json``, ``per_frame_psnr.png`` and
 ``side_by_side.png`` (one frame: input, fp32, the lowest precision, and its error map against fp32).
 """
@@ -86,21 +87,22 @@ class Row:
 
 
 def _pixel_metrics(candidate: torch.Tensor, reference: torch.Tensor, *, ssim: bool = True) -> dict[str, Any]:
-    from cvvae.metrics import ssim_video
     from cvvae.compare import compare
+    from cvvae.metrics import SSIM_WINDOW, ssim_video
 
-    stats = compare("video", reference, candidate)
+    stats = compare(candidate, reference, output="video")
     out = {"psnr": _finite(stats.psnr), "max_abs": _finite(stats.max_abs), "mean_abs": _finite(stats.mean_abs),
            "p99_abs": _finite(stats.p99_abs)}
     if ssim:
-        out["ssim"] = _finite(ssim_video(candidate, reference)[0]) if min(candidate.shape[3:]) >= 7 else None
+        big_enough = min(candidate.shape[3:]) >= SSIM_WINDOW
+        out["ssim"] = _finite(ssim_video(candidate, reference)[0]) if big_enough else None
     return out
 
 
 def _latent_metrics(candidate: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
     from cvvae.compare import compare
 
-    stats = compare("latent", reference, candidate)
+    stats = compare(candidate, reference, output="latent")
     rms_ref = float(reference.double().pow(2).mean().sqrt())
     rmse = float((candidate.double() - reference.double()).pow(2).mean().sqrt())
     return {"max_abs": _finite(stats.max_abs), "mean_abs": _finite(stats.mean_abs), "p99_abs": _finite(stats.p99_abs),
@@ -380,7 +382,8 @@ def markdown(report: AccuracyReport) -> str:
                      f"{_fmt(s['ssim_vs_fp32'], '.4f')} | {_fmt(s['max_abs_vs_fp32'], '.3g')} | "
                      f"{_fmt(s['psnr_vs_input'])} | {_fmt(s['ssim_vs_input'], '.4f')} | "
                      f"{_fmt(s['psnr_drop_db'], '+.3f')} dB |")
-    lines += ["", "PSNR on pixels in [-1, 1] (range 2); SSIM on uint8 frames; *decoder* = fp32 latents decoded by "
+    lines += ["", "PSNR on pixels in [-1, 1] (range 2); SSIM: Gaussian 11x11 window on [0, 1] floats; "
+              "*decoder* = fp32 latents decoded by "
               "this precision; *round trip* = this precision's encoder and decoder; PSNR drop = PSNR(fp32 vs input) "
               "- PSNR(this vs input).", "",
               "## Latents (encoder vs fp32, mean over clips)", "",

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 
 from cvvae.calibration.quantize import GraphQuantizer, module_path
+from cvvae.metrics import psnr_from_mse
+from cvvae.onnxrt import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ def layer_groups(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, list
     return groups
 
 
-def _psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
-    return math.inf if mse <= 0 else 10.0 * math.log10(data_range ** 2 / mse)
-
-
 @dataclass(frozen=True)
 class Score:
     """Round trip of the held-out chunks with some graphs quantized."""
@@ -74,13 +72,7 @@ class Score:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=threads)
 
 
 def encode_means(encoder: Path, videos: Sequence[np.ndarray], *, threads: int | None = None) -> list[np.ndarray]:
@@ -103,7 +95,7 @@ class RoundTrip:
         self._decoder = dec
         self.reference = [dec.run(None, {"latent": z})[0] for z in self.latents]
         self.fp32_mse = self._mse(self.reference, self.videos)
-        self.fp32_psnr = _psnr_from_mse(self.fp32_mse)
+        self.fp32_psnr = psnr_from_mse(self.fp32_mse)
 
     def _session(self, path: Path):
         return _session(path, self.threads)
@@ -114,8 +106,8 @@ class RoundTrip:
 
     def score(self, outputs: Sequence[np.ndarray]) -> Score:
         mse_in, mse_ref = self._mse(outputs, self.videos), self._mse(outputs, self.reference)
-        psnr_in = _psnr_from_mse(mse_in)
-        return Score(mse_in, mse_ref, psnr_in, _psnr_from_mse(mse_ref), self.fp32_psnr - psnr_in)
+        psnr_in = psnr_from_mse(mse_in)
+        return Score(mse_in, mse_ref, psnr_in, psnr_from_mse(mse_ref), self.fp32_psnr - psnr_in)
 
     def run(self, encoder: Path | None = None, decoder: Path | None = None) -> tuple[Score, list[np.ndarray]]:
         """Round trip with the given graphs (None: the fp32 one, with its cached outputs)."""

@@ -187,6 +187,7 @@ LAZY_COMMANDS = {
     "accuracy": "cvvae.calibration.cli:accuracy",
     "bench": "cvvae.tools.bench_cli:bench",
     "report": "cvvae.tools.bench_cli:report",
+    "deploy": "cvvae.tools.deploy_cli:deploy",
     "train": "cvvae.train_cli:train_command",
     "compat": "cvvae.train_cli:compat_command",
     "encode-dataset": "cvvae.runtime.dataset_cli:encode_dataset",
@@ -199,8 +200,8 @@ LAZY_COMMANDS = {
 # install line. The runtime commands (encode, decode, reconstruct, info, doctor) run on the base install.
 COMMAND_NEEDS = {
     "export": "torch", "inspect": "onnx", "calibrate": "torch", "accuracy": "torch", "bench": "torch",
-    "report": "torch", "parity": "torch", "train": "torch", "compat": "torch", "encode-dataset": "torch",
-    "decode-dataset": "torch", "dataset-stats": "torch",
+    "report": "torch", "parity": "torch", "deploy": "torch", "train": "torch", "compat": "torch",
+    "encode-dataset": "torch", "decode-dataset": "torch", "dataset-stats": "torch",
 }
 
 

@@ -19,7 +19,6 @@ all its frames, the clip and overall means are means of window PSNRs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,7 +27,7 @@ import torch
 from .errors import InputError
 from .image_vae import ImageVAE
 from .losses import decode_frames, map_frames
-from .metrics import psnr, psnr_per_frame
+from .metrics import psnr, psnr_from_mse, psnr_per_frame
 from .model import CVVAE
 
 WINDOW = 17
@@ -50,7 +49,7 @@ def key_frame_mask(window: int = WINDOW, time_compress: int = 4) -> list[bool]:
 def _mean_psnr(values: Iterable[float]) -> float:
     """PSNR of the mean squared error behind several PSNR values (range 2), i.e. the pooled PSNR of the frames."""
     mses = [4.0 / 10 ** (v / 10) for v in values]
-    return 10.0 * math.log10(4.0 / (sum(mses) / len(mses)))
+    return psnr_from_mse(sum(mses) / len(mses))
 
 
 @torch.no_grad()

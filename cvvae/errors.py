@@ -34,3 +34,7 @@ class ResourceError(CVVAEError, RuntimeError):
 
 class NonFiniteError(CVVAEError, FloatingPointError):
     """NaN or Inf in an input, or produced by a component (e.g. fp16 overflow): stopped instead of writing garbage."""
+
+
+class DeployError(CVVAEError, RuntimeError):
+    """A ``cvvae deploy`` step that failed (the message names the step and why); later steps did not run."""

@@ -14,7 +14,6 @@ to fp32 and says so (:class:`cvvae.runtime.api.VideoVAE` runs that check).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +105,12 @@ def recorded_bf16_psnr(model_sha256: str | None) -> float | None:
 
 
 def peak_psnr(reference: Any, test: Any) -> float:
-    """PSNR of ``test`` against ``reference`` with the reference's peak-to-peak range (pixels and latents alike;
-    any array family)."""
+    """PSNR (:func:`cvvae.metrics.psnr`) of ``test`` against ``reference`` with the reference's peak-to-peak range as
+    the data range (pixels and latents alike; any array family)."""
     import numpy as np
 
     from .arrays import to_numpy
+    from .metrics import psnr
 
-    ref, out = to_numpy(reference).astype(np.float64), to_numpy(test).astype(np.float64)
-    span = float(ref.max() - ref.min()) or 1.0
-    mse = float(np.mean((ref - out) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(span ** 2 / mse)
+    ref = to_numpy(reference)
+    return psnr(ref, test, data_range=float(np.ptp(ref.astype(np.float64))) or 1.0)

@@ -41,6 +41,7 @@ from torch import nn
 from .durations import format_duration
 from .errors import CheckpointError, CVVAEError, InputError
 from .fsutil import atomic_path
+from .metrics import psnr, ssim_video
 from .model import DiagonalGaussian
 from .train_data import EVAL_CLIPS, DataConfig, TrainSampler, load_eval_clip
 
@@ -398,23 +399,6 @@ class CosineSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of pixels in [-1, 1] (peak-to-peak 2), after clamping ``y``."""
-    mse = (x.float() - y.float().clamp(-1, 1)).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
-
-
-def clip_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean per-frame SSIM (skimage, Gaussian window) of (1,3,T,H,W) clips in [-1, 1]."""
-    from skimage.metrics import structural_similarity
-
-    a = x[0].permute(1, 2, 3, 0).float().numpy()
-    b = y[0].clamp(-1, 1).permute(1, 2, 3, 0).float().numpy()
-    return float(np.mean([structural_similarity(a[t], b[t], channel_axis=-1, data_range=2.0,
-                                                gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-                          for t in range(a.shape[0])]))
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The torch generator of one step (posterior noise, random frame mapping): a function of (seed, step)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
@@ -596,7 +580,8 @@ class Trainer:
         try:
             for name, clip in self._val_clips.items():
                 rec = self.task.reconstruct(clip)
-                out[name] = {"psnr": round(psnr(clip, rec), 3), "ssim": round(clip_ssim(clip, rec), 4)}
+                rec = rec.clamp(-1, 1)
+                out[name] = {"psnr": round(psnr(clip, rec), 3), "ssim": round(ssim_video(clip, rec)[0], 4)}
         finally:
             model.train(was_training)
         if out:
@@ -684,7 +669,7 @@ class Trainer:
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
                     self.optimizer.step()
-                    logs = {"loss": loss.item(), **logs, "psnr": psnr(batch, xrec.detach()),
+                    logs = {"loss": loss.item(), **logs, "psnr": psnr(batch, xrec.detach().clamp(-1, 1)),
                             "grad_norm": float(grad_norm)}
                 self.step += 1
                 now = time.monotonic()

@@ -89,7 +89,7 @@ def export_command(model_path: str | None, preset: str | None, subfolder: str | 
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
-    from cvvae.export.verify import OutputComparison
+    from cvvae.compare import Comparison
 
     comparisons = []
     for name, entry in manifest.components.items():
@@ -97,8 +97,7 @@ def export_command(model_path: str | None, preset: str | None, subfolder: str | 
             status = f.verified.get("status", "skipped")
             click.echo(f"{name:<8} {precision:<5} {f.path:<22} {f.size_bytes / 1e6:8.1f} MB  "
                        f"io {'/'.join(sorted(set(f.io_dtypes.values())))}  verification {status}")
-            comparisons += [OutputComparison(**{k: v for k, v in c.items() if k != "passed"})
-                            for c in f.verified.get("comparisons", [])]
+            comparisons += [Comparison.from_dict(c) for c in f.verified.get("comparisons", [])]
     if comparisons:
         click.echo(format_table(comparisons))
     click.echo(f"manifest: {out_dir / contract.MANIFEST_NAME}")

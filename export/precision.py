@@ -154,20 +154,16 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _ort_session(model: onnx.ModelProto, workdir: Path, *, optimize: bool):
-    import onnxruntime as ort
+    from cvvae.onnxrt import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    level = "all" if optimize else "disable"
     if model.ByteSize() < 1_900_000_000:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort_session(model.SerializeToString(), threads=2, optimization=level)
     path = workdir / ".measure.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data")
     onnx.load_external_data_for_model(model, str(workdir))
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=2, optimization=level)
 
 
 def measure_ranges(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],

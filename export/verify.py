@@ -1,19 +1,11 @@
 """Verification of exported graphs: ONNX Runtime (CPU) against the PyTorch reference, and static TensorRT checks.
 
-Comparisons are data: one :class:`OutputComparison` per (case, output) with max/mean/p99 absolute error, like
-Polygraphy's ``OutputCompareResult``; a :class:`VerificationReport` collects them per graph file and goes into the
-manifest. The reference is the raw PyTorch encoder/decoder in fp32 (no chunking or tiling), run on small synthetic
-clips at shapes other than the export sample: T = 1, 5, 17 frames, non-square sizes, batch 1 and 2.
-
-Tolerances (:data:`TOLERANCES`): a check passes when ``max_abs <= atol + rtol * max|reference|`` and
-``mean_abs <= mean_atol + mean_rtol * mean|reference|``.
-
-* fp32: 1e-4 max abs (no relative part): the graph computes what PyTorch computes, up to summation order.
-* fp16: 1e-2 + 1e-2 * max|reference| max abs, and 2e-3 + 1e-3 * mean|reference| mean abs: fp16 keeps 11
-  significant bits (relative step 4.9e-4) and the rounding compounds over ~40 convolutions and 30 normalisations.
-  Measured errors (docs/export.md: full-size v1 up to 8e-3 on decoded pixels, 3e-3 on latents; means below 1e-3)
-  sit 2-5x below these limits. The relative part of the mean limit is for outputs far from 1: the trained default
-  model's posterior logvar reaches 17-20, where fp16 rounding alone gives a mean error of ~2e-3.
+Comparisons are data (:mod:`cvvae.compare`): one :class:`~cvvae.compare.Comparison` per (case, output) with
+max/mean/p99 absolute error, like Polygraphy's ``OutputCompareResult``; a :class:`VerificationReport` collects them per
+graph file and goes into the manifest. The reference is the raw PyTorch encoder/decoder in fp32 (no chunking or
+tiling), run on small synthetic clips at shapes other than the export sample: T = 1, 5, 17 frames, non-square sizes,
+batch 1 and 2. The tolerances (:data:`TOLERANCES`, :data:`FP16_END_TO_END`) are :data:`cvvae.compare.EXPORT`; their
+values and reasons are written down there.
 """
 
 from __future__ import annotations
@@ -28,92 +20,19 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from cvvae import compare as comparisons
+from cvvae.compare import FP16_END_TO_END, Tolerance, compare
+from cvvae.compare import Comparison as OutputComparison
 from cvvae.export import contract
 from cvvae.export.precision import Precision
 from cvvae.model import CVVAE
+from cvvae.onnxrt import ORT_DTYPES, ort_session
 
 log = logging.getLogger(__name__)
 
 
 # ----- tolerances and results -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tolerance:
-    """``max_abs <= atol + rtol * max|reference|`` and (when ``mean_atol`` is set)
-    ``mean_abs <= mean_atol + mean_rtol * mean|reference|``."""
-
-    atol: float
-    rtol: float = 0.0
-    mean_atol: float | None = None
-    mean_rtol: float = 0.0
-
-    def limit(self, reference_max_abs: float) -> float:
-        return self.atol + self.rtol * reference_max_abs
-
-    def mean_limit(self, reference_mean_abs: float) -> float | None:
-        return None if self.mean_atol is None else self.mean_atol + self.mean_rtol * reference_mean_abs
-
-
-TOLERANCES: dict[Precision, Tolerance] = {
-    Precision.FP32: Tolerance(atol=1e-4),
-    Precision.FP16: Tolerance(atol=1e-2, rtol=1e-2, mean_atol=2e-3, mean_rtol=1e-3),
-}
-# fp16 encoder feeding the fp16 decoder (a TensorRT fp16 pipeline): the latent's fp16 error passes through the decoder
-# too. Checked by tests/test_export_fp16.py, not by export (which verifies each graph against its own reference).
-FP16_END_TO_END = Tolerance(atol=3e-2, rtol=2e-2, mean_atol=5e-3, mean_rtol=2e-3)
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """Errors of one output of one case, and whether they are within the tolerance."""
-
-    component: str
-    precision: str
-    case: str
-    output: str
-    shape: tuple[int, ...]
-    max_abs: float
-    mean_abs: float
-    p99_abs: float
-    reference_max_abs: float
-    limit: float
-    mean_limit: float | None = None
-    nonfinite: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return (self.nonfinite == 0 and self.max_abs <= self.limit
-                and (self.mean_limit is None or self.mean_abs <= self.mean_limit))
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["passed"] = self.passed
-        return d
-
-
-def compare(actual: np.ndarray, reference: np.ndarray, tolerance: Tolerance, *, component: str = "",
-            precision: str = "", case: str = "", output: str = "") -> OutputComparison:
-    """Absolute errors of ``actual`` against ``reference`` (both cast to float64)."""
-    if actual.shape != reference.shape:
-        raise ValueError(f"{component} {output} {case}: shape {actual.shape} != reference {reference.shape}")
-    a = actual.astype(np.float64)
-    r = reference.astype(np.float64)
-    finite = np.isfinite(a)
-    err = np.abs(np.where(finite, a, 0.0) - r)
-    ref_abs = np.abs(r)
-    ref_max = float(ref_abs.max()) if r.size else 0.0
-    return OutputComparison(
-        component=component, precision=precision, case=case, output=output, shape=tuple(actual.shape),
-        max_abs=float(err.max()) if err.size else 0.0,
-        mean_abs=float(err.mean()) if err.size else 0.0,
-        p99_abs=float(np.quantile(err, 0.99)) if err.size else 0.0,
-        reference_max_abs=ref_max, limit=tolerance.limit(ref_max),
-        mean_limit=tolerance.mean_limit(float(ref_abs.mean()) if r.size else 0.0),
-        nonfinite=int((~finite).sum()),
-    )
+TOLERANCES: dict[Precision, Tolerance] = {Precision(p): t for p, t in comparisons.EXPORT.items()}
 
 
 @dataclass
@@ -148,16 +67,9 @@ class VerificationReport:
         }
 
 
-def format_table(comparisons: Sequence[OutputComparison]) -> str:
-    """A fixed-width table of comparisons (the CLI prints it; export errors carry it)."""
-    header = f"{'component':<9} {'prec':<5} {'case':<22} {'output':<7} {'max_abs':>9} {'mean_abs':>9} " \
-             f"{'p99_abs':>9} {'|ref|max':>9} {'limit':>9}  ok"
-    lines = [header, "-" * len(header)]
-    for c in comparisons:
-        lines.append(f"{c.component:<9} {c.precision:<5} {c.case:<22} {c.output:<7} {c.max_abs:>9.2e} "
-                     f"{c.mean_abs:>9.2e} {c.p99_abs:>9.2e} {c.reference_max_abs:>9.3g} {c.limit:>9.2e}  "
-                     f"{'yes' if c.passed else 'NO' + (f' ({c.nonfinite} non-finite)' if c.nonfinite else '')}")
-    return "\n".join(lines)
+def format_table(rows: Sequence[OutputComparison]) -> str:
+    """The verification table (the CLI prints it; export errors carry it)."""
+    return comparisons.format_table(rows, "verify")
 
 
 # ----- inputs ---------------------------------------------------------------------------------------------------
@@ -231,21 +143,9 @@ def calibration_feeds(model: CVVAE, components: Sequence[str] = contract.COMPONE
 
 
 # ----- running graphs -------------------------------------------------------------------------------------------
-def ort_session(path: str | Path, *, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
 def run_graph(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run with inputs cast to the graph's input dtypes; outputs come back as float32."""
-    cast = {i.name: _NP.get(i.type, np.float32) for i in session.get_inputs()}
+    cast = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
     results = session.run(None, {k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items()})
     return {o.name: r.astype(np.float32) for o, r in zip(session.get_outputs(), results)}
 
@@ -255,7 +155,7 @@ def verify_graph(path: str | Path, component: str, precision: Precision | str, c
     """Run the graph on every case in ONNX Runtime CPU and compare each output with the PyTorch reference."""
     precision = Precision(precision)
     tolerance = tolerance or TOLERANCES[precision]
-    session = ort_session(path)
+    session = ort_session(path, threads=2)
     report = VerificationReport(component, precision.value, Path(path).name, tolerance)
     for case in cases:
         got = run_graph(session, case.inputs)

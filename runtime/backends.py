@@ -21,6 +21,7 @@ from ..arrays import Array
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, ExportError, InputError
 from ..extras import INSTALL_HINTS, is_installed, lazy_import, require
+from ..onnxrt import ORT_DTYPES, ort_session
 from ..plan import PlanSettings
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,6 @@ class TorchBackend:
         return self._run(self.model.decoder, latent)
 
 
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
 ORT_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -129,16 +127,12 @@ class OrtComponent:
     def __init__(self, path: Path, providers: list[Any], threads: int | None = None,
                  output_shapes: Callable[[tuple[int, ...]], list[tuple[int, ...]]] | None = None,
                  cpu_mem_arena: bool = True) -> None:
-        ort = lazy_import("onnxruntime", "the onnxruntime backend")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        # the arena keeps every size it ever served (8.2 GiB peak on the README job vs 2.4 GiB without, issue 16);
-        # off under a memory budget, where glibc's raised thresholds (cvvae.allocator) keep the reuse instead
-        options.enable_cpu_mem_arena = cpu_mem_arena
         self.path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = ort_session(path, threads=threads, providers=providers, arena=cpu_mem_arena,
+                                       log_severity=2, feature="the onnxruntime backend")
+        except BackendUnavailableError:
+            raise
         except Exception as e:  # onnxruntime's errors derive from Exception only (InvalidProtobuf, Fail, ...)
             raise ExportError(f"cannot load ONNX graph {path}: {_first_line(e)}; the file is damaged or not an "
                               "ONNX model: re-export into a fresh directory (cvvae export)") from e
@@ -176,6 +170,8 @@ class OrtComponent:
         feed = np.ascontiguousarray(arrays.to_numpy(x, self.input_dtype))
         try:
             results = self.session.run(self.outputs, {self.inputs[0].name: feed})
+        except BackendUnavailableError:
+            raise
         except Exception as e:  # onnxruntime's errors derive from Exception only
             raise ExportError(f"ONNX Runtime failed running {self.path.name} on an input of shape "
                               f"{tuple(feed.shape)}: {_first_line(e)}") from e

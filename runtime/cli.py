@@ -351,7 +351,7 @@ def parity(input_path: Path, model_path, backends, precision, device, start, end
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
-        click.echo(format_table(rows))
+        click.echo(format_table(rows, "parity"))
 
 
 @click.command()

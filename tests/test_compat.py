@@ -35,8 +35,17 @@ def test_ssim_identical_and_degraded():
     assert mean == pytest.approx(1.0) and per_frame == [pytest.approx(1.0)] * 2
     mean, per_frame = ssim_video(a, (a + 0.5 * torch.randn(a.shape, generator=g)).clamp(-1, 1))
     assert 0 < mean < 0.9 and len(per_frame) == 2
-    with pytest.raises(ValueError, match="7x7"):
-        ssim_video(a[..., :4, :4], a[..., :4, :4])
+    with pytest.raises(ValueError, match="smaller than SSIM's 11x11 window"):
+        ssim_video(a[..., :10, :16], a[..., :10, :16])
+
+
+def test_ssim_is_wang_on_unit_floats():
+    """Flat frames pin the definition: pixels 0 and 0.2 in [-1, 1] are 0.5 and 0.6 in [0, 1], so SSIM is the
+    luminance term (2*0.5*0.6 + C1) / (0.5^2 + 0.6^2 + C1) with C1 = (0.01 * 1)^2 (data range 1): 0.98361. On [-1, 1]
+    with range 2 it would be 0.0099, on uint8 frames (128 vs 153, range 255) 0.9843."""
+    a = torch.zeros(1, 3, 1, 16, 16)
+    mean, _ = ssim_video(a, a + 0.2)
+    assert mean == pytest.approx((2 * 0.5 * 0.6 + 1e-4) / (0.5**2 + 0.6**2 + 1e-4), abs=1e-6)
 
 
 @pytest.fixture(scope="module")

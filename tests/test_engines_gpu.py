@@ -23,7 +23,9 @@ from cvvae.engines.profile import ShapeOutsideProfileError, default_spec  # noqa
 from cvvae.engines.sidecar import StaleEngineError, current_environment  # noqa: E402
 from cvvae.engines.trt_backend import TensorRTBackend  # noqa: E402
 
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+from cvvae.compare import PARITY  # noqa: E402
+
+TOLERANCE = {p: PARITY[(p, "component")].atol for p in ("fp32", "fp16")}  # 1e-3, 2e-2
 
 
 @pytest.fixture(scope="module")

@@ -258,15 +258,14 @@ def _matmul_fn(engine: str, size: int, threads: int, device: str, dtype: str = "
         raise InputError(f"the {engine} GEMM is measured in fp32 only, not {dtype}")
     if engine != "onnxruntime":
         raise InputError(f"unknown GEMM engine {engine!r}; choose from {', '.join(GEMM_ENGINES)}")
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from cvvae.onnxrt import ort_session
 
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in ("A", "B", "C")]
     graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm", io[:2], io[2:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), threads=threads)
     feeds = {"A": a.numpy(), "B": b.numpy()}
     return lambda: session.run(None, feeds)
 

@@ -11,7 +11,7 @@ import torch
 from cvvae.codec_io import read_pixels
 from cvvae.errors import InputError
 from cvvae.runtime.api import VideoVAE
-from cvvae.compare import ErrorStats, compare
+from cvvae.compare import Comparison, compare, parity_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,14 @@ def checkpoint_of(model_path: str | None) -> str | None:
 
 def run_parity(input_path: Path, model_path: str | None, backends: list[str], *, precision: str = "fp32",
                device: str = "cpu", read_kwargs: dict[str, Any] | None = None,
-               plan_overrides: dict[str, Any] | None = None) -> list[ErrorStats]:
-    """Encode (mean, logvar), decode (from the reference latents) and round trip on each backend."""
+               plan_overrides: dict[str, Any] | None = None, judge: bool = False) -> list[Comparison]:
+    """Encode (mean, logvar), decode (from the reference latents) and round trip on each backend; with ``judge``
+    every output is judged by its parity tolerance (:data:`cvvae.compare.PARITY`) at ``precision``."""
     if len(backends) < 2:
         raise InputError(f"parity needs at least two backends, got {backends}")
     x = load_input(Path(input_path), read_kwargs or {})
     checkpoint = checkpoint_of(model_path)
-    rows: list[ErrorStats] = []
+    rows: list[Comparison] = []
     ref = ref_latents = ref_pixels = None
     for i, name in enumerate(backends):
         path = model_path if name != "torch" else checkpoint
@@ -63,8 +64,10 @@ def run_parity(input_path: Path, model_path: str | None, backends: list[str], *,
             continue
         decoded = vae.decode(ref_latents)
         round_trip = vae.decode(latents, check_model=False)
-        rows += [compare(f"{name}/encoder.mean", ref_latents.mean, latents.mean),
-                 compare(f"{name}/encoder.logvar", ref_latents.logvar, latents.logvar),
-                 compare(f"{name}/decoder.video", ref_pixels, decoded),
-                 compare(f"{name}/round_trip.video", ref_pixels, round_trip)]
+        for output, reference, candidate in (("encoder.mean", ref_latents.mean, latents.mean),
+                                             ("encoder.logvar", ref_latents.logvar, latents.logvar),
+                                             ("decoder.video", ref_pixels, decoded),
+                                             ("round_trip.video", ref_pixels, round_trip)):
+            rows.append(compare(candidate, reference, parity_tolerance(precision, output) if judge else None,
+                                output=output, backend=name, precision=precision))
     return rows

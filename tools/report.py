@@ -27,7 +27,7 @@ import torch
 
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
-from cvvae.metrics import psnr, psnr_per_frame, ssim_video, to_uint8_frames
+from cvvae.metrics import SSIM_WINDOW, psnr, psnr_per_frame, ssim_video, to_uint8_frames
 from cvvae.tools.bench import Target, onnx_export_for
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,9 @@ def build_report(input_path: str | Path, model_spec: str | None, out_dir: str | 
     x = load_input(Path(input_path), config.read_kwargs)  # B,3,T,H,W in [-1, 1]
     if x.shape[2] == 0:
         raise InputError(f"{input_path}: no frames selected")
-    if min(x.shape[3:]) < 7:
-        raise InputError(f"frames of {x.shape[3]}x{x.shape[4]} are too small for SSIM (7x7 window); pick --size")
+    if min(x.shape[3:]) < SSIM_WINDOW:
+        raise InputError(f"frames of {x.shape[3]}x{x.shape[4]} are too small for SSIM ({SSIM_WINDOW}x{SSIM_WINDOW} "
+                         "window); pick --size")
     targets = [Target.parse(t) for t in config.targets]
     export_dir = None
     ort_precisions = tuple(t.precision for t in targets if t.backend == "onnxruntime")
@@ -402,8 +403,8 @@ model <code>{e(report.model)}</code> · {e(plan_text)}</p>
 </tbody>
 </table>
 <p class="meta">Against the original clip; errors in pixel units ([0, 1]); PSNR and SSIM as in
-<code>cvvae.metrics</code> (SSIM on uint8 frames); timings are one run each, not a benchmark (see
-<code>cvvae bench</code>).</p>
+<code>cvvae.metrics</code> (SSIM: Gaussian 11x11 window on [0, 1] floats); timings are one run each, not a benchmark
+(see <code>cvvae bench</code>).</p>
 {f'<ul class="skipped">{skipped}</ul>' if skipped else ''}
 
 <h2>Per-frame quality</h2>
