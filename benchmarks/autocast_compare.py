@@ -96,7 +96,8 @@ def main() -> None:
     from cvvae.export import contract
     from cvvae.export.precision import Fp16Rule, Precision, convert_precision, select_fp32_nodes
     from cvvae.export.to_onnx import ExportConfig, export_component_fp32
-    from cvvae.export.verify import calibration_feeds, ort_session, run_graph
+    from cvvae.export.verify import calibration_feeds, run_graph
+    from cvvae.onnxrt import ort_session
     from cvvae.loading import load_model
 
     model = load_model(args.model).eval()
