@@ -422,12 +422,15 @@ def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_
 
 
 def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: int, width: int, budget: int,
-             directions: tuple[str, ...] = ("encode", "decode"), **estimate_kw: Any) -> tuple[PlanSettings, str]:
+             directions: tuple[str, ...] = ("encode", "decode"), *, fixed_tiles: bool = False,
+             fixed_chunks: bool = False, what: str | None = None, **estimate_kw: Any) -> tuple[PlanSettings, str]:
     """Settings whose plan fits ``budget`` bytes for every direction: the given ones when they fit, else the
     largest tile (steps of 8 latent cells, down to ``MIN_TILE_PX``) that fits, then halved chunks.
 
-    Returns the settings and a one-line note ('' when unchanged). Raises :class:`PlanError` with the estimate when
-    nothing fits.
+    ``fixed_tiles`` / ``fixed_chunks``: the caller chose the tiling / chunking (``--tile-size``, ``--no-tiling``,
+    ``--chunk-frames``, ``--no-chunking``), so it is kept as given. ``what`` names the job in messages (default: a
+    ``num_frames``x``height``x``width`` video). Returns the settings and a one-line note ('' when unchanged). Raises
+    :class:`PlanError` with the estimate when nothing fits.
     """
 
     def worst(candidate: PlanSettings) -> MemoryEstimate:
@@ -443,19 +446,31 @@ def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: 
     tiles = [px for px in range(largest - largest % (8 * s), MIN_TILE_PX - 1, -8 * s) if px < largest]
     chunks = [settings.chunk_frames] if settings.chunk_frames else [None]
     c = settings.chunk_frames or settings.padded_frames(num_frames) - 1
-    while c > settings.time_compress:
+    while c > settings.time_compress and not fixed_chunks:
         c = max(settings.time_compress, (c // 2) // settings.time_compress * settings.time_compress)
         chunks.append(c)
     for n, chunk in enumerate(chunks):
-        for tile in tiles if n == 0 else [largest, *tiles]:
+        candidates = [settings.tile_size] if fixed_tiles else tiles if n == 0 else [largest, *tiles]
+        for tile in candidates:
+            if n == 0 and fixed_tiles:
+                continue  # the configured plan itself, already estimated above
             candidate = PlanSettings(chunk, tile, settings.tile_overlap_ratio, settings.time_compress, s)
             est = worst(candidate)
             if est.total <= budget:
-                changed = f"tile {tile} px" + ("" if n == 0 else f", chunk {chunk} frames")
+                changed = ", ".join(([] if fixed_tiles else [f"tile {tile} px"])
+                                    + ([] if n == 0 else [f"chunk {chunk} frames"]))
                 return candidate, (f"plan changed to fit the {budget / (1 << 30):.2f} GiB memory budget: {changed} "
                                    f"(estimated peak {est.describe()}; the configured plan needed "
                                    f"{first.total / (1 << 30):.2f} GiB)")
-    smallest = worst(PlanSettings(chunks[-1], MIN_TILE_PX, settings.tile_overlap_ratio, settings.time_compress, s))
-    raise PlanError(f"a {num_frames}x{height}x{width} video needs about {smallest.describe()} even with "
-                    f"{MIN_TILE_PX} px tiles and {chunks[-1]}-frame chunks, more than the "
-                    f"{budget / (1 << 30):.2f} GiB budget; raise --max-memory or process a smaller size")
+    tile = settings.tile_size if fixed_tiles else MIN_TILE_PX
+    smallest = worst(PlanSettings(chunks[-1], tile, settings.tile_overlap_ratio, settings.time_compress, s))
+    tiled = "no tiling" if tile is None else f"{tile} px tiles"
+    chunked = "no chunking" if chunks[-1] is None else f"{chunks[-1]}-frame chunks"
+    kept = [name for name, flag in (("tiling", fixed_tiles), ("chunking", fixed_chunks)) if flag]
+    advice = "raise --max-memory"
+    if kept:
+        advice += (f", let the budget choose the {' and '.join(kept)} (leave out --tile-size/--no-tiling/"
+                   "--chunk-frames/--no-chunking)")
+    raise PlanError(f"{what or f'a {num_frames}x{height}x{width} video'} needs about {smallest.describe()} with its "
+                    f"smallest plan ({tiled}, {chunked}{'; ' + ' and '.join(kept) + ' as asked' if kept else ''}), "
+                    f"more than the {budget / (1 << 30):.2f} GiB budget; {advice} or process a smaller size")

@@ -127,11 +127,13 @@ class VideoVAE:
     """Encode and decode videos of any length and size on one backend, chunk by chunk."""
 
     def __init__(self, backend: Backend, settings: PlanSettings | None = None, *, batch_tiles: bool = False,
-                 max_memory: int | None = None, precision_choice: PrecisionChoice | None = None) -> None:
+                 max_memory: int | None = None, precision_choice: PrecisionChoice | None = None,
+                 fixed: frozenset[str] = frozenset()) -> None:
         self.backend = backend
         self.settings = settings or backend.plan_settings
         self.batch_tiles = batch_tiles
         self.max_memory = max_memory  # bytes; None: the configured plan as is
+        self.fixed = fixed  # plan settings the caller chose ("tile_size", "chunk_frames"): the budget keeps them
         self._precision_choice = precision_choice
         self._fitted: dict[tuple[Any, ...], PlanSettings] = {}
 
@@ -169,7 +171,9 @@ class VideoVAE:
         else:
             impl = BACKENDS[backend](path, device=device, precision=choice.precision, **backend_kwargs)
         settings = PlanSettings.from_config(impl.config, **(plan_overrides or {}))
-        return cls(impl, settings, batch_tiles=batch_tiles, max_memory=max_memory, precision_choice=choice)
+        fixed = frozenset(k for k in ("tile_size", "chunk_frames") if k in (plan_overrides or {}))
+        return cls(impl, settings, batch_tiles=batch_tiles, max_memory=max_memory, precision_choice=choice,
+                   fixed=fixed)
 
     @property
     def precision_choice(self) -> PrecisionChoice:
@@ -203,8 +207,11 @@ class VideoVAE:
         key = (frames, height, width, directions)
         if key not in self._fitted:
             half = self.backend.precision in ("bf16", "fp16")
+            what = (f"a {num_frames}x{height}x{width} video" if frames == num_frames else
+                    f"a {num_frames}x{height}x{width} video (planned per chunk of {frames} frames)")
             settings, note = fit_plan(self.config, self.settings, frames, height, width, self.max_memory, directions,
-                                      dtype_bytes=2 if half else 4, batch_tiles=self.batch_tiles)
+                                      fixed_tiles="tile_size" in self.fixed, fixed_chunks="chunk_frames" in self.fixed,
+                                      what=what, dtype_bytes=2 if half else 4, batch_tiles=self.batch_tiles)
             if note:
                 log.warning("%s", note)
             self._fitted[key] = settings

@@ -43,7 +43,7 @@ def test_kept_buffers_are_reused_without_page_faults():
     pages = 8 * (64 << 20) // 4096
     default = run_child("system")
     kept = run_child("keep")
-    assert kept["state"] == ["glibc", True, "mmap/trim thresholds 2047 MiB"]
+    assert kept["state"] == ["glibc", True, "mmap/trim thresholds 2047 MiB, one arena"]
     assert default["kept_faults"] > 0.9 * pages      # glibc mmaps and unmaps each 64 MiB buffer: every page faults
     assert kept["kept_faults"] < 0.5 * pages         # reused from the heap: the first buffers fault in, not the rest
     # the measuring pass trims the kept heap first: its pages go back to the kernel and fault in again when reused
@@ -56,3 +56,8 @@ def test_kept_buffers_are_reused_without_page_faults():
 def test_explicit_settings_are_respected(env, note):
     child = run_child("keep", **env)
     assert child["state"] == ["glibc", False, note]
+
+
+def test_an_explicit_arena_count_is_kept():
+    child = run_child("keep", MALLOC_ARENA_MAX="4")
+    assert child["state"] == ["glibc", True, "mmap/trim thresholds 2047 MiB"]

@@ -64,9 +64,47 @@ def test_fit_plan_halves_chunks_then_refuses():
     fitted, note = fit_plan(cfg, settings, 17, 720, 1280, at_min - 1, ("decode",))
     assert fitted.chunk_frames == 8 and ", chunk 8 frames" in note
     with pytest.raises(PlanError, match=r"a 17x720x1280 video needs about 2.\d\d GiB \(decode: activations .* for a 5x64x64 "
-                                         r"tile, .*\) even with 64 px tiles and "
-                                         r"4-frame chunks, more than the 0.50 GiB budget; raise --max-memory"):
+                                         r"tile, .*\) with its smallest plan \(64 px tiles, 4-frame chunks\), more "
+                                         r"than the 0.50 GiB budget; raise --max-memory or process a smaller size$"):
         fit_plan(cfg, settings, 17, 720, 1280, GIB // 2, ("decode",))
+
+
+def test_fit_plan_keeps_the_tiling_and_chunking_the_caller_chose():
+    cfg = get_preset("cvvae-v1")
+    untiled = PlanSettings(16, None, 0.25)
+    need = estimate_memory(cfg, make_plan(untiled, 17, 720, 1280), "decode").total
+    # --no-tiling: only the chunks may shrink
+    fitted, note = fit_plan(cfg, untiled, 17, 720, 1280, need - 1, ("decode",), fixed_tiles=True)
+    assert fitted.tile_size is None and fitted.chunk_frames == 8
+    assert note.startswith("plan changed to fit the ") and ": chunk 8 frames (estimated" in note
+    # --no-tiling --no-chunking: nothing may change, so the budget refuses with what the user can do
+    with pytest.raises(PlanError, match=r"^a 17x720x1280 video needs about \d+\.\d\d GiB .* with its smallest plan "
+                                         r"\(no tiling, 16-frame chunks; tiling and chunking as asked\), more than "
+                                         r"the \d+\.\d\d GiB budget; raise --max-memory, let the budget choose the "
+                                         r"tiling and chunking \(leave out --tile-size/--no-tiling/--chunk-frames/"
+                                         r"--no-chunking\) or process a smaller size$"):
+        fit_plan(cfg, untiled, 17, 720, 1280, need - 1, ("decode",), fixed_tiles=True, fixed_chunks=True)
+    # an explicit tile size is kept too
+    tiled = PlanSettings(16, 256, 0.25)
+    fitted, _ = fit_plan(cfg, tiled, 17, 720, 1280,
+                         estimate_memory(cfg, make_plan(tiled, 17, 720, 1280), "decode").total - 1, ("decode",),
+                         fixed_tiles=True)
+    assert fitted.tile_size == 256 and fitted.chunk_frames < 16
+
+
+def test_runtime_budget_honours_no_tiling_and_names_the_real_clip(tiny_v1):
+    from cvvae.memory import parse_bytes as size
+    vae = VideoVAE(TorchBackend(tiny_v1), PlanSettings(16, None, 0.25), max_memory=size("1M"),
+                   fixed=frozenset({"tile_size"}))
+    with pytest.raises(PlanError, match=r"^a 5x256x256 video \(planned per chunk of 17 frames\) needs about .* "
+                                         r"\(no tiling, 4-frame chunks; tiling as asked\), more than the 0.00 GiB "
+                                         r"budget; raise --max-memory, let the budget choose the tiling "):
+        vae.plan(5, 256, 256)
+    free = VideoVAE(TorchBackend(tiny_v1), PlanSettings(16, None, 0.25), max_memory=size("1M"))
+    with pytest.raises(PlanError, match=r"^a 5x256x256 video \(planned per chunk of 17 frames\) needs about .* "
+                                         r"\(64 px tiles, 4-frame chunks\), more than the 0.00 GiB budget; raise "
+                                         r"--max-memory or process a smaller size$"):
+        free.plan(5, 256, 256)
 
 
 def test_runtime_plans_within_its_budget(tiny_v1):
