@@ -59,7 +59,7 @@ def describe(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
 
 def real_clips(frames: int, size: int) -> list[tuple[str, np.ndarray]]:
     """(name, 1x3xTxHxW float32 in [-1, 1]) for each clip under VIDEOS: the first ``frames`` frames at size x size."""
-    from cvvae.runtime.video_io import read_video
+    from cvvae.video_io import read_video
 
     out = []
     for path in sorted(VIDEOS.glob("*.mp4")):

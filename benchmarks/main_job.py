@@ -63,7 +63,7 @@ def psnr_vs_input(clip: Path, latents: Path, flags: list[str], env: dict[str, st
 
     from cvvae.metrics import psnr
     from cvvae.runtime.api import to_pixels
-    from cvvae.runtime.video_io import read_video
+    from cvvae.video_io import read_video
 
     out = work / "pixels.npy"
     subprocess.run([*cvvae(), "decode", str(latents), "-o", str(out), "--force", *flags], check=True,

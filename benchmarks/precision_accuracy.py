@@ -46,7 +46,7 @@ def main() -> None:
     from cvvae.metrics import psnr
     from cvvae.runtime import VideoVAE
     from cvvae.runtime.api import to_pixels
-    from cvvae.runtime.video_io import read_video
+    from cvvae.video_io import read_video
 
     vaes = {p: VideoVAE.load(args.model, precision=p) for p in args.precisions}
     sha = vaes[args.precisions[0]].backend.identity.get("model_sha256")

@@ -4,7 +4,8 @@
 * :mod:`cvvae.calibration.data` - calibration chunks from real videos at the plan's chunk and tile sizes;
 * :mod:`cvvae.calibration.quantize` - Q/DQ graphs (symmetric int8, per-channel weights) and ``calibrate_export``;
 * :mod:`cvvae.calibration.sensitivity` - layer groups ranked by the PSNR they cost, exclusion to a target;
-* :mod:`cvvae.calibration.accuracy` - PSNR/SSIM/max-abs of fp32, fp16 and int8 through the runtime.
+* the accuracy report (PSNR/SSIM/max-abs of fp32, fp16 and int8 through the runtime) is :mod:`cvvae.tools.accuracy`:
+  it runs the runtime, a layer above this one (docs/architecture.md); ``cvvae accuracy`` is registered here.
 
 Importing this package is cheap; ONNX Runtime's quantization tools load when used.
 """

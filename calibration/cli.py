@@ -1,7 +1,7 @@
 """``cvvae calibrate`` (INT8 graphs for an export) and ``cvvae accuracy`` (per-precision report).
 
 Thin click commands: they build :class:`~cvvae.calibration.quantize.CalibrationConfig` /
-:class:`~cvvae.calibration.accuracy.AccuracyConfig` and call ``calibrate_export`` / ``accuracy_report``.
+:class:`~cvvae.tools.accuracy.AccuracyConfig` and call ``calibrate_export`` / ``accuracy_report``.
 Heavy imports (ONNX Runtime's quantization tools, matplotlib) happen inside the commands.
 """
 
@@ -131,7 +131,7 @@ def calibrate(export_dir, data, more_clips, out_dir, num_chunks, holdout_chunks,
 def accuracy(export_dir, data, more_clips, out_dir, precisions, max_frames, start, stride, size, resize_short_side,
              center_crop, threads, force, as_json, **plan_kw: Any) -> None:
     """PSNR/SSIM/max-abs of every precision vs fp32 and vs the input, through the runtime; Markdown+JSON+PNG."""
-    from cvvae.calibration.accuracy import AccuracyConfig, accuracy_report
+    from cvvae.tools.accuracy import AccuracyConfig, accuracy_report
 
     clips = _clips(data, more_clips)
     hw = _hw(size, "--size")

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from cvvae.config import Compression
 from cvvae.errors import InputError
 from cvvae.fsutil import sha256_file
 from cvvae.plan import PlanSettings
@@ -48,7 +49,7 @@ def find_clips(paths: Iterable[str | Path]) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class ChunkSpec:
+class ChunkSpec(Compression):
     """Shape of one calibration chunk (encoder input ``1 x 3 x frames x height x width``) and how to read it."""
 
     frames: int                      # 1 + chunk_frames: one encode chunk of the plan
@@ -56,12 +57,16 @@ class ChunkSpec:
     width: int
     frame_stride: int = 1            # take every k-th source frame
     resize_short_side: int | None = None  # resize the video (short side, px) before cropping; None: native size
+    time_compress: int = 4           # the model's (from_plan: the plan's)
+    spatial_compress: int = 8
 
     def __post_init__(self) -> None:
-        if self.frames < 1 or (self.frames - 1) % 4:
-            raise InputError(f"a calibration chunk needs 1+4k frames (one encode chunk), got {self.frames}")
-        if self.height < 8 or self.width < 8 or self.height % 8 or self.width % 8:
-            raise InputError(f"calibration crops must be multiples of 8 px, got {self.height}x{self.width}")
+        tc, s = self.time_compress, self.spatial_compress
+        if self.frames < 1 or self.padded_frames(self.frames) != self.frames:
+            raise InputError(f"a calibration chunk needs 1+{tc}k frames (one encode chunk), got {self.frames}")
+        if min(self.height, self.width) < s or self.padded_pixels(self.height) != self.height \
+                or self.padded_pixels(self.width) != self.width:
+            raise InputError(f"calibration crops must be multiples of {s} px, got {self.height}x{self.width}")
         if self.frame_stride < 1:
             raise InputError(f"frame_stride must be >= 1, got {self.frame_stride}")
 
@@ -74,12 +79,13 @@ class ChunkSpec:
         if frames is None or size is None:
             raise InputError("the export's plan has no temporal chunking or no tiling, so the chunk shape is open: "
                              "pass --chunk-frames and --tile-size")
-        return cls(frames + 1, size, size, frame_stride, resize_short_side)
+        return cls(frames + 1, size, size, frame_stride, resize_short_side, settings.time_compress,
+                   settings.spatial_compress)
 
-    def latent_shape(self, latent_channels: int, time_compress: int = 4, spatial_compress: int = 8) -> tuple:
+    def latent_shape(self, latent_channels: int) -> tuple:
         """Decoder input of this chunk: (1, z, chunk/4 + 1, tile/8, tile/8)."""
-        return (1, latent_channels, (self.frames - 1) // time_compress + 1, self.height // spatial_compress,
-                self.width // spatial_compress)
+        return (1, latent_channels, self.num_latent_frames(self.frames), self.latent_cells(self.height),
+                self.latent_cells(self.width))
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "height": self.height, "width": self.width,
@@ -98,7 +104,7 @@ class CalibrationChunk:
 
     def pixels(self) -> np.ndarray:
         """float32 (1, 3, T, H, W) in [-1, 1], the encoder's input."""
-        from cvvae.runtime.video_io import frames_to_tensor
+        from cvvae.video_io import frames_to_tensor
 
         return frames_to_tensor(self.frames)[None]
 
@@ -123,7 +129,7 @@ class DataFile:
 
 
 def describe_clips(clips: Sequence[Path]) -> list[DataFile]:
-    from cvvae.runtime.video_io import probe_video
+    from cvvae.video_io import probe_video
 
     out = []
     for clip in clips:
@@ -134,7 +140,7 @@ def describe_clips(clips: Sequence[Path]) -> list[DataFile]:
 
 def sample_chunks(clips: Sequence[str | Path], spec: ChunkSpec, count: int, *, seed: int = 0) -> list[CalibrationChunk]:
     """``count`` chunks of ``spec`` from ``clips``, deterministic for ``seed`` (see the module docstring)."""
-    from cvvae.runtime.video_io import probe_video, read_video
+    from cvvae.video_io import probe_video, read_video
 
     if count < 1:
         raise InputError(f"need at least one calibration chunk, got {count}")

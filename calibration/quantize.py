@@ -388,11 +388,9 @@ class GraphQuantizer:
 
     def _quantize_modelopt(self, out_path: Path, *, exclude: Collection[str]) -> onnx.ModelProto:
         """The final graph from nvidia-modelopt (optional; lazily imported). Uses the calibration feeds again."""
-        try:
-            from modelopt.onnx.quantization import quantize as modelopt_quantize
-        except ImportError as e:
-            raise BackendUnavailableError("quantizer 'modelopt' needs nvidia-modelopt[onnx] (pip install "
-                                          "'nvidia-modelopt[onnx]'; it pulls onnxruntime-gpu, keep it optional)") from e
+        from cvvae.extras import lazy_import
+
+        modelopt_quantize = lazy_import("modelopt.onnx.quantization", "quantizer 'modelopt'").quantize
         if self._modelopt_data is None:
             raise ExportError("modelopt needs the calibration feeds: call calibrate() first")
         method = {CalibrationMethod.MINMAX: "max", CalibrationMethod.ENTROPY: "entropy"}[self.config.method]

@@ -188,8 +188,8 @@ LAZY_COMMANDS = {
     "bench": "cvvae.tools.bench_cli:bench",
     "report": "cvvae.tools.bench_cli:report",
     "deploy": "cvvae.tools.deploy_cli:deploy",
-    "train": "cvvae.train_cli:train_command",
-    "compat": "cvvae.train_cli:compat_command",
+    "train": "cvvae.training.cli:train_command",
+    "compat": "cvvae.training.cli:compat_command",
     "encode-dataset": "cvvae.runtime.dataset_cli:encode_dataset",
     "decode-dataset": "cvvae.runtime.dataset_cli:decode_dataset",
     "dataset-stats": "cvvae.runtime.dataset_cli:dataset_stats",
@@ -379,7 +379,7 @@ def describe_without_torch(model_path: str | None) -> tuple[Any, tuple[int | Non
 
 def plan_settings_or_usage_error(make: Callable[..., Any], **overrides: Any) -> Any:
     """Plan settings with the chunk/tile options applied; an invalid combination is a usage error (exit 2)."""
-    from .plan import PlanError
+    from .errors import PlanError
 
     try:
         return make(**overrides)

@@ -18,9 +18,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
-from .errors import CVVAEError
+from .errors import ConfigError, InputError, PlanError
 
 Variant = Literal["v1", "sd3"]
 
@@ -28,10 +28,6 @@ V1_CLASS = "CVVAEModel"
 SD3_CLASS = "CVVAESD3Model"
 CLASS_TO_VARIANT: dict[str, Variant] = {V1_CLASS: "v1", SD3_CLASS: "sd3"}
 VARIANT_TO_CLASS: dict[Variant, str] = {"v1": V1_CLASS, "sd3": SD3_CLASS}
-
-
-class ConfigError(CVVAEError, ValueError):
-    """A model config that cannot describe a supported CV-VAE."""
 
 
 # Upper bounds of config values: far above the released models (widths 128-512, 2 resnets per level, 4 or 16 latent
@@ -138,8 +134,49 @@ class _Reader:
         return tuple(value)
 
 
+class Compression:
+    """The shape arithmetic of a VAE that compresses time ``time_compress``-fold and space ``spatial_compress``-fold
+    (spec 5, 6.2), shared by :class:`ModelConfig` and :class:`cvvae.plan.PlanSettings`: latent counts, padded sizes
+    and output sizes are computed here and nowhere else."""
+
+    time_compress: int
+    spatial_compress: int
+    chunk_frames: int | None
+
+    @property
+    def decode_chunk_latents(self) -> int | None:
+        """Latents per decode chunk (the chunk's frames / 4, spec 6.3; each chunk also takes the one it shares)."""
+        return None if self.chunk_frames is None else self.chunk_frames // self.time_compress
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        """floor((T-1)/4)+1: latents produced by T frames (spec 5)."""
+        if num_frames < 1:
+            raise InputError(f"a video needs at least 1 frame, got {num_frames}")
+        return (num_frames - 1) // self.time_compress + 1
+
+    def num_output_frames(self, num_latents: int) -> int:
+        """4(L-1)+1: frames decoded from L latents (spec 5)."""
+        if num_latents < 1:
+            raise InputError(f"a latent needs at least 1 frame, got {num_latents}")
+        return self.time_compress * (num_latents - 1) + 1
+
+    def padded_frames(self, num_frames: int) -> int:
+        """Smallest 1 + 4k >= T: the frames a video is padded to (the last frame repeats, spec 6.2)."""
+        if num_frames < 1:
+            raise PlanError(f"a video needs at least 1 frame, got {num_frames}")
+        return 1 + -(-(num_frames - 1) // self.time_compress) * self.time_compress
+
+    def latent_cells(self, pixels: int) -> int:
+        """Latent cells of a frame side: ceil(pixels / 8), the side padded to a multiple of 8 (spec 6.2) over 8."""
+        return -(-pixels // self.spatial_compress)
+
+    def padded_pixels(self, pixels: int) -> int:
+        """A frame side padded to a multiple of ``spatial_compress`` (the bottom/right edge repeats)."""
+        return self.latent_cells(pixels) * self.spatial_compress
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Compression):
     """Architecture and chunk/tile settings of one CV-VAE.
 
     ``widths`` are the channel counts of the resolution levels (v1: ``ch * ch_mult``; SD3: ``block_out_channels``).
@@ -230,21 +267,36 @@ class ModelConfig:
         """Encoder levels whose downsample also halves time: even, non-last levels (spec 3)."""
         return tuple(i for i in range(self.num_levels - 1) if i % 2 == 0)
 
-    @property
-    def decode_chunk_latents(self) -> int | None:
-        return None if self.chunk_frames is None else self.chunk_frames // self.time_compress
+    def encoded_shape(self, video_shape: Sequence[int]) -> tuple[int, ...]:
+        """(B, z, L, h, w) of the mean (and of the logvar) the encoder makes of a (B, C, T, H, W) input whose H and
+        W are multiples of ``spatial_compress`` (spec 5)."""
+        b, _, t, h, w = video_shape
+        s = self.spatial_compress
+        return (b, self.latent_channels, self.num_latent_frames(t), h // s, w // s)
 
-    def num_latent_frames(self, num_frames: int) -> int:
-        """floor((T-1)/4)+1: latents produced by T frames (spec 5)."""
-        if num_frames < 1:
-            raise ValueError(f"a video needs at least 1 frame, got {num_frames}")
-        return (num_frames - 1) // self.time_compress + 1
+    def decoded_shape(self, latent_shape: Sequence[int]) -> tuple[int, ...]:
+        """(B, C, T, H, W) of the pixels the decoder makes of a (B, z, L, h, w) latent (spec 5)."""
+        b, _, l, h, w = latent_shape
+        s = self.spatial_compress
+        return (b, self.out_channels, self.num_output_frames(l), h * s, w * s)
 
-    def num_output_frames(self, num_latents: int) -> int:
-        """4(L-1)+1: frames decoded from L latents (spec 5)."""
-        if num_latents < 1:
-            raise ValueError(f"a latent needs at least 1 frame, got {num_latents}")
-        return self.time_compress * (num_latents - 1) + 1
+    def encoder_level_sizes(self, frames: int, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(T, H, W) of the encoder's feature maps at each level, the input's first: every downsample halves H and
+        W, those of :attr:`time_down_levels` also take T to (T-1)//2+1 (spec 3)."""
+        sizes = [(frames, height, width)]
+        for i in range(self.num_levels - 1):
+            t, h, w = sizes[-1]
+            sizes.append(((t - 1) // 2 + 1 if i in self.time_down_levels else t, h // 2, w // 2))
+        return sizes
+
+    def decoder_level_sizes(self, latents: int, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(T, H, W) of the decoder's feature maps at each level, the latent's (the lowest level) first: every
+        upsample doubles H and W; those mirroring a time-downsampling level also take T to 2T-1 (spec 3)."""
+        sizes = [(latents, height, width)]
+        for i in reversed(range(1, self.num_levels)):
+            t, h, w = sizes[-1]
+            sizes.append((2 * t - 1 if i - 1 in self.time_down_levels else t, h * 2, w * 2))
+        return sizes
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -23,7 +23,10 @@ INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers) - never both",
     "tensorrt": "install TensorRT 10/11 for Python (pip install tensorrt from NVIDIA's index) on a CUDA machine",
     "cupy": 'pip install "cvvae-deploy[gpu]" (CuPy for CUDA 12; or pass your own device arrays)',
-    "ray": "pip install 'cvvae-deploy[ray]'",
+    "ray": "pip install 'cvvae-deploy[ray]' (ray[data] and pyarrow)",
+    "pyarrow": "pip install 'cvvae-deploy[ray]' (or pip install pyarrow)",
+    "skvideo": "pip install scikit-video (or the dev extra)",
+    "modelopt": "pip install 'nvidia-modelopt[onnx]' (it pulls onnxruntime-gpu: keep it out of the base install)",
 }
 
 
@@ -41,17 +44,22 @@ def is_installed(module: str) -> bool:
         return False
 
 
-def require(module: str, feature: str) -> None:
-    """Raise a BackendUnavailableError naming ``feature`` and the install line unless ``module`` is importable."""
+def missing_message(module: str, feature: str, instead: str | None = None) -> str:
+    """The one-line error for a missing optional package: what needs it, the install line, and an alternative."""
+    alternative = f"; or {instead}" if instead else ""
+    return f"{feature} needs the '{module}' package, which is not installed: {install_hint(module)}{alternative}"
+
+
+def require(module: str, feature: str, *, instead: str | None = None) -> None:
+    """Raise a BackendUnavailableError naming ``feature`` and the install line unless ``module`` is importable
+    (``instead``: what the user can do without it, e.g. another option)."""
     if not is_installed(module):
-        raise BackendUnavailableError(f"{feature} needs the '{module}' package, which is not installed: "
-                                      f"{install_hint(module)}")
+        raise BackendUnavailableError(missing_message(module, feature, instead))
 
 
-def lazy_import(module: str, feature: str) -> Any:
+def lazy_import(module: str, feature: str, *, instead: str | None = None) -> Any:
     """Import an optional package, or raise a BackendUnavailableError saying what to install."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise BackendUnavailableError(f"{feature} needs the '{module}' package, which is not installed: "
-                                      f"{install_hint(module)}") from e
+        raise BackendUnavailableError(missing_message(module, feature, instead)) from e

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 TEMP_TAG = ".cvvae-tmp-"
@@ -232,7 +234,7 @@ def _few(names: list[str]) -> str:
 def replace_problem(path: str | Path, kind: str) -> str | None:
     """Why ``--force`` must not replace the existing ``path`` with a ``kind`` output (None: it may)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
+        raise InputError(f"unknown output kind {kind!r}; one of {', '.join(KINDS)}")
     path = Path(path)
     if kind == "file":
         if path.is_symlink() or path.is_file():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import ResourceError
+from .errors import InputError, ResourceError
 from .plan import VideoPlan
 
 BYTES_FP32 = 4
@@ -148,12 +148,11 @@ def plan_memory(plan: VideoPlan, config: ModelConfig, *, batch: int = 1, batch_t
         enc = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction="encode")
         dec = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction="decode")
         return enc if enc.total >= dec.total else dec
-    s, tc = plan.settings.spatial_compress, plan.settings.time_compress
-    chunk = plan.settings.chunk_frames
+    settings = plan.settings
+    s, chunk = settings.spatial_compress, settings.chunk_frames
     frames = plan.padded_frames if chunk is None else min(chunk + 1, plan.padded_frames)
-    if direction == "decode":  # a decode chunk of l latents gives tc*(l-1)+1 frames
-        latents_per_chunk = plan.latent_frames if chunk is None else min(chunk // tc + 1, plan.latent_frames)
-        frames = tc * (latents_per_chunk - 1) + 1
+    if direction == "decode":  # a decode chunk of l latents gives 4(l-1)+1 frames
+        frames = settings.num_output_frames(min(settings.num_latent_frames(frames), plan.latent_frames))
     tile_px = max(plan.rows.sizes) * s * max(plan.cols.sizes) * s
     tiles_at_once = plan.num_tiles if batch_tiles else 1
     latent_values = plan.latent_frames * plan.latent_height * plan.latent_width * config.latent_channels
@@ -188,7 +187,7 @@ def parse_bytes(text: str) -> int:
     """``"8G"``, ``"1.5G"``, ``"512M"``, ``"8GiB"``, ``"1000000"`` -> bytes (binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"memory size {text!r} is not a positive size such as 8G, 1.5G or 512M")
+        raise InputError(f"memory size {text!r} is not a positive size such as 8G, 1.5G or 512M")
     return int(float(m.group(1)) * UNITS[m.group(2)])
 
 

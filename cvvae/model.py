@@ -15,6 +15,7 @@ from torch import nn
 
 from . import tiling
 from .config import ModelConfig
+from .errors import InputError
 from .modules_sd3 import DecoderSD3, EncoderSD3
 from .modules_v1 import DecoderV1, EncoderV1
 from .plan import PlanSettings, VideoPlan, make_latent_plan, make_plan
@@ -78,7 +79,7 @@ def as_video_batch(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return x.unsqueeze(0), True
     if x.ndim == 4:
         return x.unsqueeze(2), False
-    raise ValueError(f"expected pixels of shape (B,3,T,H,W), (3,T,H,W) or (B,3,H,W); got {tuple(x.shape)}")
+    raise InputError(f"expected pixels of shape (B,3,T,H,W), (3,T,H,W) or (B,3,H,W); got {tuple(x.shape)}")
 
 
 class CVVAE(nn.Module):
@@ -105,7 +106,7 @@ class CVVAE(nn.Module):
     # ----- encode / decode ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.shape[1] != channels:
-            raise ValueError(f"{what} must have {channels} channels on dim 1, got shape {tuple(x.shape)}")
+            raise InputError(f"{what} must have {channels} channels on dim 1, got shape {tuple(x.shape)}")
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, settings: PlanSettings | None = None) -> EncodeResult:

@@ -20,15 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from .config import ModelConfig
-
-
-class PlanError(ValueError):
-    """Plan settings or an input shape the plan cannot handle."""
+from .config import Compression, ModelConfig
+from .errors import PlanError
 
 
 @dataclass(frozen=True)
-class PlanSettings:
+class PlanSettings(Compression):
     """Chunk and tile settings. ``None`` disables chunking (``chunk_frames``) or tiling (``tile_size``)."""
 
     chunk_frames: int | None = 16
@@ -212,15 +209,15 @@ class VideoPlan:
 
     @property
     def latent_frames(self) -> int:
-        return (self.padded_frames - 1) // self.settings.time_compress + 1
+        return self.settings.num_latent_frames(self.padded_frames)
 
     @property
     def latent_height(self) -> int:
-        return self.padded_height // self.settings.spatial_compress
+        return self.settings.latent_cells(self.padded_height)
 
     @property
     def latent_width(self) -> int:
-        return self.padded_width // self.settings.spatial_compress
+        return self.settings.latent_cells(self.padded_width)
 
     @property
     def num_tiles(self) -> int:
@@ -251,34 +248,20 @@ class VideoPlan:
         }
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def padded_frame_count(num_frames: int, time_compress: int = 4) -> int:
-    """Smallest 1 + k*time_compress >= num_frames."""
-    if num_frames < 1:
-        raise PlanError(f"a video needs at least 1 frame, got {num_frames}")
-    return 1 + _round_up(num_frames - 1, time_compress)
-
-
 def make_plan(settings: PlanSettings, num_frames: int, height: int, width: int) -> VideoPlan:
     """Plan the encode/decode of a ``num_frames`` x ``height`` x ``width`` video."""
     if min(num_frames, height, width) < 1:
         raise PlanError(f"video shape T={num_frames}, H={height}, W={width} must be positive in every axis")
-    s = settings.spatial_compress
-    padded_frames = padded_frame_count(num_frames, settings.time_compress)
-    padded_h, padded_w = _round_up(height, s), _round_up(width, s)
-    latent_frames = (padded_frames - 1) // settings.time_compress + 1
-    decode_chunk = None if settings.chunk_frames is None else settings.chunk_frames // settings.time_compress
+    padded_frames = settings.padded_frames(num_frames)
     return VideoPlan(
         settings=settings,
         num_frames=num_frames, height=height, width=width,
-        padded_frames=padded_frames, padded_height=padded_h, padded_width=padded_w,
+        padded_frames=padded_frames, padded_height=settings.padded_pixels(height),
+        padded_width=settings.padded_pixels(width),
         encode_chunks=split_time(padded_frames, settings.chunk_frames),
-        decode_chunks=split_time(latent_frames, decode_chunk),
-        rows=split_axis(padded_h // s, settings.tile_latent, settings.tile_overlap_latent),
-        cols=split_axis(padded_w // s, settings.tile_latent, settings.tile_overlap_latent),
+        decode_chunks=split_time(settings.num_latent_frames(padded_frames), settings.decode_chunk_latents),
+        rows=split_axis(settings.latent_cells(height), settings.tile_latent, settings.tile_overlap_latent),
+        cols=split_axis(settings.latent_cells(width), settings.tile_latent, settings.tile_overlap_latent),
     )
 
 
@@ -286,8 +269,8 @@ def make_latent_plan(settings: PlanSettings, latent_frames: int, latent_height: 
                      *, num_frames: int | None = None, height: int | None = None,
                      width: int | None = None) -> VideoPlan:
     """Plan for decoding a latent; the original video size (if known) says how much to crop back."""
-    s, tc = settings.spatial_compress, settings.time_compress
-    full_t, full_h, full_w = tc * (latent_frames - 1) + 1, latent_height * s, latent_width * s
+    s = settings.spatial_compress
+    full_t, full_h, full_w = settings.num_output_frames(latent_frames), latent_height * s, latent_width * s
     num_frames, height, width = num_frames or full_t, height or full_h, width or full_w
     plan = make_plan(settings, num_frames, height, width)
     if (plan.latent_frames, plan.latent_height, plan.latent_width) != (latent_frames, latent_height, latent_width):
@@ -356,36 +339,34 @@ def activation_elements(cfg: ModelConfig, direction: str, frames: int, height: i
     """Peak live activation elements of one tile: ``frames`` x ``height`` x ``width`` pixels (decode: the frames
     it outputs; height/width in pixels, multiples of the spatial compression)."""
     if direction not in ("encode", "decode"):
-        raise ValueError(f"direction must be 'encode' or 'decode', not {direction!r}")
+        raise PlanError(f"direction must be 'encode' or 'decode', not {direction!r}")
     widths, n = cfg.widths, cfg.num_levels
     s = cfg.spatial_compress
-    peak = 0
     if direction == "encode":
-        t, pixels = frames, height * width
-        peak = cfg.in_channels * t * pixels * 3 + widths[0] * t * pixels
+        sizes = cfg.encoder_level_sizes(frames, height, width)
+        peak = cfg.in_channels * frames * height * width * 3 + widths[0] * frames * height * width
         cin = widths[0]
         for i, cout in enumerate(widths):
+            t, h, w = sizes[i]
             for _ in range(cfg.layers_per_block):
-                peak = max(peak, _resnet_elems(cin, cout, t, pixels, causal=True))
+                peak = max(peak, _resnet_elems(cin, cout, t, h * w, causal=True))
                 cin = cout
             if i != n - 1:  # padded copy (T+2 frames) and the strided output
-                t_out = (t - 1) // 2 + 1 if i in cfg.time_down_levels else t
-                peak = max(peak, cout * t * pixels + cout * (t + 2) * pixels + cout * t_out * pixels // 4)
-                t, pixels = t_out, pixels // 4
+                t_out, h_out, w_out = sizes[i + 1]
+                peak = max(peak, cout * t * h * w + cout * (t + 2) * h * w + cout * t_out * h_out * w_out)
         return peak
-    latents = (frames - 1) // cfg.time_compress + 1
-    t, pixels = latents, (height // s) * (width // s)
+    sizes = cfg.decoder_level_sizes(cfg.num_latent_frames(frames), height // s, width // s)
     cin = widths[-1]
-    peak = _resnet_elems(cin, cin, t, pixels, causal=False)
-    for i in reversed(range(n)):
+    peak = _resnet_elems(cin, cin, sizes[0][0], sizes[0][1] * sizes[0][2], causal=False)
+    for k, i in enumerate(reversed(range(n))):
+        t, h, w = sizes[k]
         for _ in range(cfg.layers_per_block + 1):
-            peak = max(peak, _resnet_elems(cin, widths[i], t, pixels, causal=False))
+            peak = max(peak, _resnet_elems(cin, widths[i], t, h * w, causal=False))
             cin = widths[i]
         if i != 0:  # input, nearest x2 copy padded, conv output (x2 channels if up_time) and its permuted copy
-            factor = 2 if i % 2 == 1 else 1
-            up = 4 * pixels
-            peak = max(peak, cin * t * pixels + cin * (t + 2) * up + 2 * factor * cin * t * up)
-            t, pixels = (2 * t - 1 if factor == 2 else t), up
+            factor = 2 if i - 1 in cfg.time_down_levels else 1
+            up = sizes[k + 1][1] * sizes[k + 1][2]
+            peak = max(peak, cin * t * h * w + cin * (t + 2) * up + 2 * factor * cin * t * up)
     return peak
 
 
@@ -427,7 +408,7 @@ def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_
     if direction == "encode":
         frames = max(c.length for c in plan.encode_chunks)
     else:
-        frames = (max(c.length for c in plan.decode_chunks) - 1) * plan.settings.time_compress + 1
+        frames = plan.settings.num_output_frames(max(c.length for c in plan.decode_chunks))
     tiles = plan.num_tiles if batch_tiles else 1
     act = activation_elements(cfg, direction, frames, tile_h, tile_w) * dtype_bytes * batch * tiles
     pixels_chunk = 3 * frames * plan.padded_height * plan.padded_width * 4 * batch
@@ -460,10 +441,11 @@ def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: 
     if first.total <= budget:
         return settings, ""
     s = settings.spatial_compress
-    largest = max(_round_up(height, s), _round_up(width, s)) if settings.tile_size is None else settings.tile_size
+    largest = (max(settings.padded_pixels(height), settings.padded_pixels(width)) if settings.tile_size is None
+               else settings.tile_size)
     tiles = [px for px in range(largest - largest % (8 * s), MIN_TILE_PX - 1, -8 * s) if px < largest]
     chunks = [settings.chunk_frames] if settings.chunk_frames else [None]
-    c = settings.chunk_frames or padded_frame_count(num_frames, settings.time_compress) - 1
+    c = settings.chunk_frames or settings.padded_frames(num_frames) - 1
     while c > settings.time_compress and not fixed_chunks:
         c = max(settings.time_compress, (c // 2) // settings.time_compress * settings.time_compress)
         chunks.append(c)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_BF16_PSNR_DB = 45.0  # bf16 vs fp32 on the first tile; below it `auto` falls back to fp32
@@ -78,7 +80,7 @@ def resolve_precision(requested: str, *, backend: str = "torch", device: str = "
     ``check_first_tile`` set; the runtime clears it for checkpoints in :data:`RECORDED_BF16_PSNR`.
     """
     if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return PrecisionChoice(requested, requested, "requested")
     if backend == "onnxruntime":

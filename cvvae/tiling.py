@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from array_api_compat import array_namespace, device as array_device
 
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError, PlanError
 from .plan import AxisTiles, Chunk, VideoPlan
 
 Array = Any  # any array of the array API standard: numpy.ndarray, Array, cupy.ndarray, ...
@@ -57,7 +57,7 @@ def pad_video(x: Array, plan: VideoPlan) -> Array:
     """Pad B,C,T,H,W pixels to the plan's padded shape: repeat the last frame, replicate the bottom/right edge."""
     b, c, t, h, w = x.shape
     if (t, h, w) != (plan.num_frames, plan.height, plan.width):
-        raise ValueError(f"input T,H,W = {(t, h, w)} does not match the plan's {(plan.num_frames, plan.height, plan.width)}")
+        raise PlanError(f"input T,H,W = {(t, h, w)} does not match the plan's {(plan.num_frames, plan.height, plan.width)}")
     extra_t = plan.padded_frames - t
     if extra_t:
         x = _repeat_last(x, 2, extra_t)
@@ -267,11 +267,11 @@ class StreamingEncoder:
     def finish(self) -> Iterator[Array]:
         """Pad and encode what is left (nothing when the last chunk ended exactly on the final frame)."""
         if self.frames_in == 0:
-            raise ValueError("no frames were given to encode")
+            raise InputError("no frames were given to encode")
         if self.chunks_done and self.buffered <= 1:
             return
         window = concat_time(self.buffer)
-        target = 1 + -(-(window.shape[2] - 1) // self.plan.settings.time_compress) * self.plan.settings.time_compress
+        target = self.plan.settings.padded_frames(window.shape[2])
         if target > window.shape[2]:
             window = _repeat_last(window, 2, target - window.shape[2])
         yield self._run(window)

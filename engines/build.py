@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cvvae.errors import CVVAEError
+from cvvae.errors import EngineBuildError
 from cvvae.fsutil import atomic_path, sha256_file
 from cvvae.engines.engine_check import expected_io
 from cvvae.integrity import member_path
@@ -55,10 +55,6 @@ Progress = Callable[[str], None]
 DEFAULT_TIMING_CACHE = "timing.timing_cache"
 COMPUTE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2}   # int8 graphs keep fp16 between their Q/DQ pairs
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
-
-
-class EngineBuildError(CVVAEError, RuntimeError):
-    """An engine that could not be planned or built (the message carries TensorRT's own errors)."""
 
 
 # ----- options --------------------------------------------------------------------------------------------------------
@@ -117,46 +113,29 @@ def _feature_maps(cfg: Any, component: str, shape: Sequence[int]) -> tuple[list[
     w = cfg.widths
     n = len(w)
     maps: list[tuple[str, int]] = []
+    b = shape[0]
     if component == "encoder":
-        b, _, t, h, wd = shape
-        for i in range(n):
+        sizes = cfg.encoder_level_sizes(*shape[2:])
+        for i, (t, h, wd) in enumerate(sizes):
             c = max(w[i - 1] if i else w[0], w[i])
             maps.append((f"level {i}: {c}ch x {t}f x {h}x{wd}", b * c * t * h * wd))
-            if i < n - 1:
-                h, wd = h // 2, wd // 2
-                t = (t - 1) // 2 + 1 if i in cfg.time_down_levels else t
     else:
-        b, _, t, h, wd = shape
-        for i in reversed(range(n)):
+        sizes = cfg.decoder_level_sizes(*shape[2:])
+        for k, i in enumerate(reversed(range(n))):
+            t, h, wd = sizes[k]
             c = max(w[min(i + 1, n - 1)], w[i])
             maps.append((f"level {i}: {c}ch x {t}f x {h}x{wd}", b * c * t * h * wd))
             if i > 0:
-                h, wd = h * 2, wd * 2
-                t = 2 * t - 1 if i % 2 == 1 else t
+                t, h, wd = sizes[k + 1]
                 maps.append((f"upsample {i}: {w[i]}ch x {t}f x {h}x{wd}", b * w[i] * t * h * wd))
     # mid-block spatial attention at the lowest resolution: one head, (h*w)^2 scores per frame
-    low_b, low_t, low_h, low_w = _lowest(cfg, component, shape)
-    return maps, low_b * low_t * (low_h * low_w) ** 2
-
-
-def _lowest(cfg: Any, component: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
-    b, _, t, h, w = shape
-    if component == "decoder":
-        return b, t, h, w
-    for i in range(len(cfg.widths) - 1):
-        h, w = h // 2, w // 2
-        t = (t - 1) // 2 + 1 if i in cfg.time_down_levels else t
-    return b, t, h, w
+    low_t, low_h, low_w = sizes[-1] if component == "encoder" else sizes[0]
+    return maps, b * low_t * (low_h * low_w) ** 2
 
 
 def _output_shapes(cfg: Any, component: str, shape: Sequence[int], outputs: Sequence[Any]) -> dict[str, list[int]]:
-    b, _, t, h, w = shape
-    s, tc = cfg.spatial_compress, cfg.time_compress
-    if component == "encoder":
-        out = [b, cfg.latent_channels, (t - 1) // tc + 1, h // s, w // s]
-    else:
-        out = [b, cfg.out_channels, tc * (t - 1) + 1, h * s, w * s]
-    return {o.name: out for o in outputs}
+    out = cfg.encoded_shape(shape) if component == "encoder" else cfg.decoded_shape(shape)
+    return {o.name: list(out) for o in outputs}
 
 
 def estimate_memory(manifest: Any, component: str, precision: str, profiles: Sequence[Profile]) -> MemoryEstimate:

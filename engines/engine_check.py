@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cvvae.errors import BackendUnavailableError
-from cvvae.engines.sidecar import (EngineEnvironment, EngineSidecar, StaleEngineError, check_current, now_utc,
+from cvvae.errors import BackendUnavailableError, StaleEngineError
+from cvvae.engines.sidecar import (EngineEnvironment, EngineSidecar, check_current, now_utc,
                                    sidecar_path, stale_message, stale_reasons)
 
 log = logging.getLogger(__name__)

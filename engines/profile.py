@@ -23,17 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from cvvae.errors import CVVAEError
+from cvvae.errors import ProfileError, ShapeOutsideProfileError
 
 Shape = tuple[int, ...]
-
-
-class ProfileError(CVVAEError, ValueError):
-    """A profile or profile spec that is malformed or does not fit the graph."""
-
-
-class ShapeOutsideProfileError(CVVAEError, ValueError):
-    """An input shape that no optimization profile of the engine contains."""
 
 
 # ----- one input: (min, opt, max) ----------------------------------------------------------------------------------
@@ -252,9 +244,10 @@ def default_spec(manifest: Any, *, batch: Range = (1, 1, 1), image_profile: bool
     release = type(cfg)()  # a config with null chunk/tile (official "none") falls back to the released 16 / 576
     chunk = plan.chunk_frames or cfg.chunk_frames or release.chunk_frames
     tile = plan.tile_size or cfg.tile_spatial_size or release.tile_spatial_size
-    s, tc = plan.spatial_compress, plan.time_compress
+    s = plan.spatial_compress
     tile = max(s, tile // s * s)
-    frames, latents, cells = chunk + 1, chunk // tc + 1, tile // s
+    frames, cells = chunk + 1, tile // s
+    latents = plan.num_latent_frames(frames)  # a full chunk and the frame it shares: chunk/4 + 1 latents
     spec: dict[str, tuple[AxisProfile, ...]] = {
         "encoder": (AxisProfile("chunk", {"batch": batch, "frames": (1, frames, frames), "height": (s, tile, tile),
                                           "width": (s, tile, tile)}),),
@@ -354,11 +347,11 @@ def largest_call_shapes(manifest: Any, *, batch: int = 1) -> dict[str, dict[str,
     out: dict[str, dict[str, Shape]] = {}
     if plan.chunk_frames is None or plan.tile_size is None:
         return out
-    s = plan.spatial_compress
-    tile = plan.tile_size // s * s
-    out["encoder"] = {"video": (batch, cfg.in_channels, plan.chunk_frames + 1, tile, tile)}
-    out["decoder"] = {"latent": (batch, cfg.latent_channels, plan.chunk_frames // plan.time_compress + 1,
-                                 tile // s, tile // s)}
+    cells = plan.tile_latent
+    video = (batch, cfg.in_channels, plan.chunk_frames + 1, cells * plan.spatial_compress,
+             cells * plan.spatial_compress)
+    out["encoder"] = {"video": video}
+    out["decoder"] = {"latent": cfg.encoded_shape(video)}
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cvvae.errors import CVVAEError
+from cvvae.errors import CVVAEError, EngineDirError, StaleEngineError
 from cvvae.fsutil import atomic_path
 from cvvae.integrity import member_path
 
@@ -27,14 +27,6 @@ SIDECAR_FORMAT = "cvvae-engine/1"
 ENGINE_DIR_FORMAT = "cvvae-engines/1"
 MANIFEST_NAME = "manifest.json"
 ENGINE_SUFFIX = ".plan"
-
-
-class StaleEngineError(CVVAEError, RuntimeError):
-    """An engine built for another TensorRT version, GPU or ONNX graph (or without a sidecar)."""
-
-
-class EngineDirError(CVVAEError, ValueError):
-    """An engine directory that is missing, unreadable or lacks the requested engine."""
 
 
 def engine_filename(component: str, precision: str) -> str:

@@ -1,5 +1,7 @@
-"""The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.runtime.backends.Backend`
-interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 arrays of the caller's family).
+"""The ``tensorrt`` runtime backend: engines of an engine directory behind the :class:`cvvae.backend.Backend`
+interface (``encoder(video) -> moments``, ``decoder(latent) -> video``, float32 arrays of the caller's family). What
+it shares with the ONNX Runtime backend (config, plan, identity, the component calls) is
+:class:`cvvae.backend.GraphFileBackend`.
 
 * Loading refuses stale or foreign engines (:mod:`cvvae.engines.sidecar`, :mod:`cvvae.engines.engine_check`):
   another TensorRT version, GPU or compute capability than the sidecar records, a graph whose sha256 no longer
@@ -28,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from cvvae import arrays
-from cvvae.config import ModelConfig
+from cvvae.backend import GraphFileBackend
 from cvvae.cuda_device import CudaDevice
 from cvvae.errors import BackendUnavailableError, InputError
-from cvvae.plan import PlanSettings
+from cvvae.export.contract import DECODER_OUTPUT, ENCODER, ENCODER_OUTPUTS
 from cvvae.engines.engine_check import OpenedEngine, expected_io, open_engine
 from cvvae.engines.profile import Profile, choose_profile
 from cvvae.engines.sidecar import (EngineDirManifest, EngineEnvironment, current_environment, load_engine_dir,
@@ -119,7 +121,7 @@ class TrtEngine:
 
 
 @dataclass
-class TensorRTBackend:
+class TensorRTBackend(GraphFileBackend):
     """Encoder and decoder engines of one precision from an engine directory (``cvvae build-engines``)."""
 
     engine_dir: Path
@@ -130,6 +132,7 @@ class TensorRTBackend:
     environment: EngineEnvironment
     runtime: Any = field(default=None, repr=False)   # the trt.Runtime must outlive its engines
     name: str = "tensorrt"
+    part_kind = "engine"
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cuda", precision: str = "fp16",
@@ -147,43 +150,17 @@ class TensorRTBackend:
         env = current_environment(int(index or 0))
         cuda = CudaDevice.open(int(index or 0))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engines: dict[str, TrtEngine | None] = {}
-        for component in ("encoder", "decoder"):
-            if component not in components:
-                engines[component] = None
-                continue
-            engines[component] = load_checked(trt, runtime, manifest, component, precision, env, cuda)
+        engines = cls.load_parts(components, lambda c: load_checked(trt, runtime, manifest, c, precision, env, cuda))
         return cls(engine_dir, manifest, engines["encoder"], engines["decoder"], precision, env, runtime)
 
-    @property
-    def config(self) -> ModelConfig:
-        return self.manifest.export_manifest().model_config()
+    def export_manifest(self) -> Any:
+        return self.manifest.export_manifest()
 
-    @property
-    def plan_settings(self) -> PlanSettings:
-        return self.manifest.export_manifest().plan_settings()
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        from cvvae.latent_io import identity
-
-        checkpoint = self.manifest.checkpoint
-        return identity(self.config, checkpoint.get("sha256"), checkpoint.get("source"))
-
-    def _engine(self, component: str) -> TrtEngine:
-        engine = getattr(self, f"{component}_engine")
-        if engine is None:
-            raise InputError(f"the {component} engine was not loaded; pass components including {component!r}")
-        return engine
-
-    def encoder(self, video: Any) -> Any:
-        engine = self._engine("encoder")
-        out = engine({engine.inputs[0]: video})
-        return arrays.namespace(out["mean"]).concat([out["mean"], out["logvar"]], axis=1)
-
-    def decoder(self, latent: Any) -> Any:
-        engine = self._engine("decoder")
-        return engine({engine.inputs[0]: latent})[engine.outputs[0]]
+    def run(self, component: str, x: Any) -> list[Any]:
+        """One engine on one tile; its outputs by the export contract's names (the load checked them)."""
+        engine = self.part(component)
+        out = engine({engine.inputs[0]: x})
+        return [out[n] for n in (ENCODER_OUTPUTS if component == ENCODER else (DECODER_OUTPUT,))]
 
 
 def load_checked(trt: Any, runtime: Any, manifest: EngineDirManifest, component: str, precision: str,

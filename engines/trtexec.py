@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cvvae.engines.build import EngineBuilder, engine_dir_manifest
-from cvvae.engines.sidecar import EngineSidecar, Mismatch, StaleEngineError
+from cvvae.engines.sidecar import EngineSidecar, Mismatch
+from cvvae.errors import StaleEngineError
 from cvvae.fsutil import sha256_file
 
 TRTEXEC = "trtexec"

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from cvvae.runtime import Latents, VideoVAE
-from cvvae.runtime.video_io import VideoWriter, tensor_to_frames
+from cvvae.video_io import VideoWriter, tensor_to_frames
 
 
 def render(index: int, height: int, width: int) -> np.ndarray:

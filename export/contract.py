@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cvvae.errors import InputError
+
 FORMAT = "cvvae-export/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -107,7 +109,7 @@ COMPONENT_SPECS = {ENCODER: ENCODER_SPEC, DECODER: DECODER_SPEC}
 def graph_filename(component: str, precision: str) -> str:
     """``encoder.onnx`` for fp32, ``encoder.fp16.onnx`` (``.bf16``, ``.int8``) for the others."""
     if component not in COMPONENT_SPECS:
-        raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+        raise InputError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
     return f"{component}.onnx" if precision == "fp32" else f"{component}.{precision}.onnx"
 
 

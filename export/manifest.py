@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvvae.config import ConfigError, ModelConfig
-from cvvae.errors import ExportError
+from cvvae.config import ModelConfig
+from cvvae.errors import ConfigError, ExportError, PlanError
 from cvvae.export import contract
 from cvvae.export.contract import ComponentSpec
 from cvvae.fsutil import atomic_path, sha256_file
 from cvvae.integrity import check_member_name, check_sha256, member_path
-from cvvae.plan import PlanError, PlanSettings
+from cvvae.plan import PlanSettings
 
 if TYPE_CHECKING:  # onnx is needed to write a manifest, not to read one (the torch-free runtime reads them)
     import onnx

@@ -35,9 +35,9 @@ if __name__ == "__main__" and not __package__:  # run as a plain script: use the
 
     _here = _Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _here]
-    from cvvae.export.to_onnx import main as _main
+    from cvvae.export.cli import export_command  # a program on top of the layers (docs/architecture.md)
 
-    raise SystemExit(_main())
+    export_command.main(prog_name="to_onnx.py")  # exits with the command's status
 
 import logging
 import shutil
@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 import torch
@@ -371,18 +371,6 @@ def export_model(model: CVVAE, out_dir: str | Path, config: ExportConfig | None 
     return manifest_mod.load_manifest(out_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python export/to_onnx.py``: the ``cvvae export`` command."""
-    from cvvae.export.cli import export_command
-
-    try:
-        export_command.main(args=list(argv) if argv is not None else None, prog_name="to_onnx.py",
-                            standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 __all__ = ["ExportConfig", "EncoderGraph", "DecoderGraph", "export_model",
            "export_component_fp32", "clean_graph", "simplify", "save_graph",
-           "check_opset", "parse_components", "parse_precisions", "main"]
+           "check_opset", "parse_components", "parse_precisions"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,7 +27,7 @@ import numpy as np
 from .. import arrays, tiling
 from ..allocator import keep_memory
 from ..arrays import Array
-from ..config import ModelConfig
+from ..config import Compression, ModelConfig
 from ..errors import InputError
 from ..export.contract import LOGVAR_CLAMP
 from ..fsutil import cache_root
@@ -35,7 +35,8 @@ from ..latent_io import LatentFile, check_latent_matches, load_latents, save_lat
 from ..memory import check_plan_fits
 from ..plan import PlanSettings, VideoPlan, fit_plan, make_latent_plan, make_plan
 from ..precision import PrecisionChoice, recorded_bf16_psnr, resolve_precision
-from .backends import BACKENDS, Backend, default_backend
+from ..backend import Backend
+from .backends import BACKENDS, default_backend
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,20 @@ class Latents:
 
     mean: Array                   # B,z,L,h,w
     logvar: Array | None
-    num_frames: int
-    height: int
-    width: int
+    num_frames: int | None        # the original video's size; None: the latent's full decoded size (see sized)
+    height: int | None
+    width: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def sized(self, config: Compression) -> "Latents":
+        """These latents with every unknown size set to the full decoded size under ``config``'s compression
+        (``4(L-1)+1`` frames of ``8h x 8w``: latents saved without the original size, raw arrays)."""
+        if None not in (self.num_frames, self.height, self.width):
+            return self
+        _, _, t, h, w = self.mean.shape
+        return replace(self, num_frames=self.num_frames or config.num_output_frames(t),
+                       height=self.height or h * config.spatial_compress,
+                       width=self.width or w * config.spatial_compress)
 
     def sample(self, rng: np.random.Generator | int | None = None) -> Array:
         """``mean + exp(logvar / 2) * noise`` with standard normal noise from ``rng`` (a numpy Generator or seed)."""
@@ -80,8 +91,7 @@ class Latents:
         mean = f.mean if f.mean.ndim == 5 else f.mean[None]
         logvar = None if f.logvar is None else (f.logvar if f.logvar.ndim == 5 else f.logvar[None])
         meta = {k: v for k, v in f.metadata.items() if k not in ("num_frames", "height", "width", "format")}
-        t, h, w = mean.shape[2:]
-        return cls(mean, logvar, f.num_frames or 4 * (t - 1) + 1, f.height or 8 * h, f.width or 8 * w, meta)
+        return cls(mean, logvar, f.num_frames, f.height, f.width, meta)
 
 
 def to_pixels(frames: Any) -> Array:
@@ -254,7 +264,7 @@ class VideoVAE:
     def encode_video(self, path: str | Path, *, chunk_size: int = 16, on_progress: ProgressFn | None = None,
                      **read_kwargs: Any) -> Latents:
         """Encode a video file, reading it chunk by chunk (PyAV); fps and source go into the metadata."""
-        from .video_io import iter_video_frames, probe_video, selected_shape
+        from ..video_io import iter_video_frames, probe_video, selected_shape
 
         info = probe_video(path)
         total, height, width = selected_shape(path, **read_kwargs)
@@ -273,8 +283,8 @@ class VideoVAE:
         """
         if not isinstance(latents, Latents):
             z = arrays.as_array(latents)
-            z = z if z.ndim == 5 else z[None]
-            latents = Latents(z, None, 4 * (z.shape[2] - 1) + 1, 8 * z.shape[3], 8 * z.shape[4])
+            latents = Latents(z if z.ndim == 5 else z[None], None, None, None, None)
+        latents = latents.sized(self.config)
         if check_model:
             check_latent_matches(LatentFile(latents.mean, latents.logvar, metadata=latents.metadata), self.config,
                                  self.backend.identity.get("model_sha256"))

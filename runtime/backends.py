@@ -1,4 +1,5 @@
-"""Inference backends behind one small interface (runtime issue, spec section 6 executed by cvvae.tiling).
+"""Inference backends behind one small interface (:class:`cvvae.backend.Backend`; spec section 6 executed by
+cvvae.tiling): PyTorch, ONNX Runtime, and the registry that also names the TensorRT engines (:mod:`cvvae.engines`).
 
 A backend runs the two components on one tile: ``encoder(video) -> moments`` (mean and logvar concatenated on the
 channel axis, raw, before the logvar clamp) and ``decoder(latent) -> video``, as float32 arrays of the family it was
@@ -12,12 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
 from .. import arrays
 from ..arrays import Array
+from ..backend import GraphFileBackend
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, ExportError, InputError
 from ..extras import INSTALL_HINTS, is_installed, lazy_import, require
@@ -26,8 +28,7 @@ from ..plan import PlanSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "INSTALL_HINTS", "Backend", "OnnxRuntimeBackend", "TorchBackend", "available_backends",
-           "default_backend", "is_installed", "lazy_import"]
+__all__ = ["BACKENDS", "OnnxRuntimeBackend", "TorchBackend", "available_backends", "default_backend"]
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -43,20 +44,6 @@ def torch_dtype(precision: str) -> Any:
 def default_backend() -> str:
     """``torch`` where PyTorch is installed, else ``onnxruntime`` (the torch-free base install)."""
     return "torch" if is_installed("torch") else "onnxruntime"
-
-
-class Backend(Protocol):
-    """What the scheduler needs from a backend."""
-
-    name: str
-    precision: str
-    config: ModelConfig
-    plan_settings: PlanSettings
-    identity: dict[str, Any]
-
-    def encoder(self, video: Array) -> Array: ...
-
-    def decoder(self, latent: Array) -> Array: ...
 
 
 @dataclass
@@ -199,7 +186,7 @@ class OrtComponent:
 
 
 @dataclass
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphFileBackend):
     """Exported ONNX graphs (see cvvae.export) in ONNX Runtime: CPU, or CUDA / TensorRT providers of onnxruntime-gpu."""
 
     export_dir: Path
@@ -223,71 +210,31 @@ class OnnxRuntimeBackend:
         manifest = load_manifest(export_dir)
         providers = providers or ort_providers(ort, device, stream=stream)
         cfg = manifest.model_config()
-        shapes = {"encoder": lambda s: [encoded_shape(cfg, s)] * 2, "decoder": lambda s: [decoded_shape(cfg, s)]}
-        graphs = {}
-        for component in ("encoder", "decoder"):
-            if component not in components:
-                graphs[component] = None
-                continue
+        shapes = {"encoder": lambda s: [cfg.encoded_shape(s)] * 2, "decoder": lambda s: [cfg.decoded_shape(s)]}
+
+        def load_graph(component: str) -> OrtComponent:
             available = manifest.precisions(component)
             if precision not in available:
                 raise InputError(
                     f"{export_dir} has no {precision} {component} graph (it has: {', '.join(available) or 'none'}); "
                     f"export it with `cvvae export --precisions {precision}`"
                 )
-            graphs[component] = OrtComponent(manifest.graph_path(component, precision), providers, threads,
-                                             output_shapes=shapes[component], cpu_mem_arena=cpu_mem_arena)
-            config = manifest.model_config()
-            graphs[component].check_contract(
-                component, config.in_channels if component == "encoder" else config.latent_channels)
+            graph = OrtComponent(manifest.graph_path(component, precision), providers, threads,
+                                 output_shapes=shapes[component], cpu_mem_arena=cpu_mem_arena)
+            graph.check_contract(component, cfg.in_channels if component == "encoder" else cfg.latent_channels)
+            return graph
+
+        graphs = cls.load_parts(components, load_graph)
         return cls(export_dir, manifest, graphs["encoder"], graphs["decoder"], precision)
 
-    @property
-    def config(self) -> ModelConfig:
-        return self.manifest.model_config()
-
-    @property
-    def plan_settings(self) -> PlanSettings:
-        return self.manifest.plan_settings()
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        from ..latent_io import identity
-
-        return identity(self.config, self.manifest.checkpoint.get("sha256"), self.manifest.checkpoint.get("source"))
-
-    def _graph(self, component: str) -> OrtComponent:
-        graph = getattr(self, f"{component}_graph")
-        if graph is None:
-            raise InputError(f"the {component} graph was not loaded; pass components including {component!r}")
-        return graph
-
-    def encoder(self, video: Array) -> Array:
-        mean, logvar = self._graph("encoder")(video)
-        return arrays.namespace(mean).concat([mean, logvar], axis=1)
-
-    def decoder(self, latent: Array) -> Array:
-        return self._graph("decoder")(latent)[0]
+    def export_manifest(self) -> Any:
+        return self.manifest
 
 
 def _first_line(e: BaseException) -> str:
     """The first line of an exception's message (onnxruntime's can span many)."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
-
-
-def encoded_shape(cfg: ModelConfig, video_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the mean (and of the logvar) the encoder makes of a B,C,T,H,W tile (spec 5: T = 1+4k)."""
-    b, _, t, h, w = video_shape
-    s = cfg.spatial_compress
-    return (b, cfg.latent_channels, (t - 1) // cfg.time_compress + 1, h // s, w // s)
-
-
-def decoded_shape(cfg: ModelConfig, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the pixels the decoder makes of a B,z,L,h,w latent tile."""
-    b, _, l, h, w = latent_shape
-    s = cfg.spatial_compress
-    return (b, cfg.out_channels, cfg.time_compress * (l - 1) + 1, h * s, w * s)
 
 
 def stream_pointer(stream: Any) -> int:

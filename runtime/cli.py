@@ -27,9 +27,9 @@ from ..codec_io import read_pixels, save_npy
 from ..fsutil import check_writable_target
 from ..latent_io import load_latents
 from ..arrays import to_numpy
-from ..plan import PlanError
+from ..errors import PlanError
 from .api import Latents, VideoVAE
-from .video_io import VIDEO_CONTAINERS, VideoWriter, output_kind, probe_video, tensor_to_frames
+from ..video_io import VIDEO_CONTAINERS, VideoWriter, output_kind, probe_video, tensor_to_frames
 
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 LATENT_SUFFIXES = (".safetensors", ".npy")     # encode -o, reconstruct --save-latents
@@ -272,6 +272,7 @@ def decode(input_path: Path, output: Path, model_path, backend, device, precisio
         check_writable_target(path, overwrite=force, kind="file" if kind == ".npy" else output_kind(path))
     vae = load_runtime(model_path, backend, device, precision, batch_tiles, preset, chunk_frames=chunk_frames,
                        tile_size=tile_size, tile_overlap=tile_overlap, no_tiling=no_tiling, no_chunking=no_chunking)
+    latents = latents.sized(vae.config)
     if kind == ".npy":
         with progress_bar("decode", latents.num_frames) as update:
             pixels = vae.decode(latents, on_progress=update, check_model=not ignore_model_mismatch)
@@ -302,7 +303,7 @@ def reconstruct(video: Path, output: Path, model_path, backend, device, precisio
                 tile_size, tile_overlap, no_tiling, no_chunking, start, end, stride, max_frames, size,
                 resize_short_side, center_crop, side_by_side, crf, save_latents, force) -> None:
     """Encode and decode a video: same frame count, size and fps as the input."""
-    from .video_io import iter_video_frames
+    from ..video_io import iter_video_frames
 
     if video.suffix.lower() in TENSOR_SUFFIXES:
         raise click.BadParameter(f"{video.name}: reconstruct reads a video file; for {video.suffix} tensors run "

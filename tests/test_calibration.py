@@ -29,7 +29,7 @@ from cvvae.loading import load_model
 from cvvae.metrics import psnr
 from cvvae.plan import PlanSettings
 from cvvae.runtime import VideoVAE
-from cvvae.runtime.video_io import read_video
+from cvvae.video_io import read_video
 
 
 def _clip() -> Path:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import VIDEOS
 from cvvae.cli import main
-from cvvae.runtime.video_io import probe_video, read_video, write_video
+from cvvae.video_io import probe_video, read_video, write_video
 
 MODEL = ["--model", "random:tiny-v1"]
 SMALL = ["--max-frames", "7", "--size", "36x60"]

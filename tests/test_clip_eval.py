@@ -1,4 +1,4 @@
-"""Whole-clip evaluation (cvvae.clip_eval): windows, key vs in-between frames, pooled PSNR, summary and plot."""
+"""Whole-clip evaluation (cvvae.training.clip_eval): windows, key vs in-between frames, pooled PSNR, summary, plot."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cvvae.clip_eval import _mean_psnr, evaluate_clip, key_frame_mask, plot_per_frame, summarize, window_starts
+from cvvae.training.clip_eval import _mean_psnr, evaluate_clip, key_frame_mask, plot_per_frame, summarize, window_starts
 from cvvae.errors import InputError
-from cvvae.image_vae import IMAGE_PRESETS, ImageVAE
+from cvvae.training.image_vae import IMAGE_PRESETS, ImageVAE
 from cvvae.loading import create_model
 from cvvae.metrics import psnr
 
@@ -81,9 +81,9 @@ def test_compat_whole_cli_reports_every_window(tmp_path, one_thread):
     import numpy as np
     from click.testing import CliRunner
 
-    from cvvae.image_vae import save_image_vae
+    from cvvae.training.image_vae import save_image_vae
     from cvvae.loading import save_model
-    from cvvae.train_cli import compat_command
+    from cvvae.training.cli import compat_command
 
     video = tmp_path / "moving.mp4"
     with av.open(str(video), "w") as container:  # 20 frames: one 17-frame window, 3 left out

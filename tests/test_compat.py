@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from cvvae.compat import measure_compat
+from cvvae.training.compat import measure_compat
 from cvvae.errors import InputError
-from cvvae.image_vae import IMAGE_PRESETS, ImageVAE
-from cvvae.inflate import inflate
+from cvvae.training.image_vae import IMAGE_PRESETS, ImageVAE
+from cvvae.training.inflate import inflate
 from cvvae.loading import create_model
 from cvvae.metrics import psnr, psnr_per_frame, ssim_video
 

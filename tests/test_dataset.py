@@ -25,7 +25,7 @@ from cvvae.cli import main  # first: importing cvvae.cli registers the dataset c
 from cvvae.runtime.dataset import (
     KILL_AFTER_ENV, Clip, ClipPolicy, DatasetError, EncoderSpec, ManifestRow, RayOptions, dataset_stats,
     encode_dataset, iter_clips, make_clips, make_shards, read_manifest, size_pool)
-from cvvae.runtime.video_io import write_video
+from cvvae.video_io import write_video
 
 from conftest import REPO, VIDEOS
 
@@ -349,7 +349,7 @@ def test_decode_dataset_and_stats_commands(tmp_path, small_videos):
     assert result.exit_code == 0, result.output
     written = sorted((tmp_path / "rec" / "shard-000001").glob("*.mp4"))
     assert len(written) == 2
-    from cvvae.runtime.video_io import probe_video
+    from cvvae.video_io import probe_video
 
     info = probe_video(written[0])
     assert (info.num_frames, info.height, info.width, round(info.fps)) == (9, 64, 64, 24)

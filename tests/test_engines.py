@@ -20,7 +20,7 @@ from cvvae.engines.profile import (AxisProfile, Profile, ProfileError, ProfileSp
                                    ShapeTuple, choose_profile, default_spec, resolve_profiles)
 from cvvae.engines.sidecar import (EngineDirError, EngineEnvironment, EngineSidecar, StaleEngineError, check_current,
                                    load_engine_dir, stale_reasons)
-from cvvae.runtime.backends import is_installed
+from cvvae.extras import is_installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -380,6 +380,44 @@ def test_engines_import_without_tensorrt():
     code = "import cvvae.engines, cvvae.engines.build, cvvae.engines.trt_backend, sys; print('tensorrt' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_tensorrt_and_onnxruntime_backends_share_the_graph_file_base():
+    """Config, plan, identity and the component calls come from cvvae.backend.GraphFileBackend for both backends:
+    the TensorRT one (engines replaced by a fake that answers by tensor name) agrees with ONNX Runtime's."""
+    import numpy as np
+
+    from cvvae.backend import GraphFileBackend
+    from cvvae.default_model import DEFAULT_GRAPHS
+    from cvvae.engines.trt_backend import TensorRTBackend
+    from cvvae.errors import InputError
+    from cvvae.runtime.backends import OnnxRuntimeBackend
+
+    ort = OnnxRuntimeBackend.load(DEFAULT_GRAPHS, components=("encoder",), threads=1)
+
+    class FakeEngine:  # TrtEngine's calling convention: feeds by input name -> outputs by name
+        inputs, outputs = ["video"], ["logvar", "mean"]  # not the contract's order: names must be used
+
+        def __call__(self, feeds):
+            (x,) = feeds.values()
+            mean, logvar = ort.run("encoder", x)
+            return {"logvar": logvar, "mean": mean}
+
+    engine_dir = SimpleNamespace(export_manifest=lambda: ort.manifest)
+    trt = TensorRTBackend(Path("engines"), engine_dir, FakeEngine(), None, "fp32", H100)
+    assert isinstance(trt, GraphFileBackend) and isinstance(ort, GraphFileBackend)
+    assert (trt.config, trt.plan_settings, trt.identity) == (ort.config, ort.plan_settings, ort.identity)
+    assert trt.identity["model_sha256"] == ort.manifest.checkpoint["sha256"]
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 5, 16, 24)).astype(np.float32)
+    moments = trt.encoder(x)
+    assert moments.shape == (1, 2 * ort.config.latent_channels, 2, 2, 3)
+    np.testing.assert_array_equal(moments, ort.encoder(x))
+    with pytest.raises(InputError, match="^the decoder engine was not loaded; pass components including 'decoder'$"):
+        trt.decoder(moments[:, : ort.config.latent_channels])
+    with pytest.raises(InputError, match="^the decoder graph was not loaded; pass components including 'decoder'$"):
+        ort.decoder(moments[:, : ort.config.latent_channels])
+    with pytest.raises(InputError, match=r"components \['encodr'\]: expected one or both of encoder, decoder"):
+        OnnxRuntimeBackend.load(DEFAULT_GRAPHS, components=("encodr",))
 
 
 def test_sidecar_json_round_trip(tmp_path):

@@ -77,7 +77,7 @@ def test_fp16_graph_structure(exported):
 def _clips():
     yield from ((case.name, smooth_video(case, seed=7 + k)) for k, case in enumerate(
         [VerifyCase(1, 1, 24, 40), VerifyCase(2, 5, 40, 16), VerifyCase(1, 9, 24, 40), VerifyCase(1, 17, 40, 16)]))
-    from cvvae.runtime.video_io import frames_to_tensor, read_video
+    from cvvae.video_io import frames_to_tensor, read_video
 
     for path in sorted(VIDEOS.glob("*.mp4"))[:2]:
         frames, _ = read_video(path, max_frames=9, size=(64, 96))

@@ -29,7 +29,7 @@ from cvvae.export.to_onnx import ExportConfig, export_model
 from cvvae.loading import create_model, load_model, save_model
 from cvvae.memory import available_memory, plan_memory
 from cvvae.plan import PlanSettings, make_plan
-from cvvae.runtime.video_io import probe_video, tensor_to_frames, write_video
+from cvvae.video_io import probe_video, tensor_to_frames, write_video
 
 TINY = ModelConfig(variant="v1", widths=(32, 32, 32, 32), layers_per_block=1, tile_spatial_size=64,
                    tile_overlap_ratio=0.25)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from cvvae.config import ConfigError
 from cvvae.errors import CheckpointError
-from cvvae.image_vae import (IMAGE_PRESETS, ImageVAE, ImageVAEConfig, diffusers_to_ldm, ldm_to_diffusers,
+from cvvae.training.image_vae import (IMAGE_PRESETS, ImageVAE, ImageVAEConfig, diffusers_to_ldm, ldm_to_diffusers,
                              load_image_vae, save_image_vae)
 
 TINY = IMAGE_PRESETS["tiny-image"]

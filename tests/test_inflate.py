@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cvvae.blocks import SpatialAttentionV1
-from cvvae.image_vae import IMAGE_PRESETS, AttnBlock2D, ImageVAE
-from cvvae.inflate import inflate, inflate_kernel, temporal_attention_state
+from cvvae.training.image_vae import IMAGE_PRESETS, AttnBlock2D, ImageVAE
+from cvvae.training.inflate import inflate, inflate_kernel, temporal_attention_state
 
 TINY = IMAGE_PRESETS["tiny-image"]
 

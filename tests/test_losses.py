@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cvvae.image_vae import IMAGE_PRESETS, ImageVAE
-from cvvae.losses import LatentRegularizedLoss, map_frames, num_target_frames, random_frame_indices
+from cvvae.training.image_vae import IMAGE_PRESETS, ImageVAE
+from cvvae.training.losses import LatentRegularizedLoss, map_frames, num_target_frames, random_frame_indices
 from cvvae.model import DiagonalGaussian
 
 

@@ -1,5 +1,5 @@
-"""Synthetic motion (cvvae.motion): pans shift by their speed, zooms scale, rotations turn, parallax layers move at
-their own speeds, and the trajectory stays inside the picture."""
+"""Synthetic motion (cvvae.training.motion): pans shift by their speed, zooms scale, rotations turn, parallax layers move
+at their own speeds, and the trajectory stays inside the picture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cvvae.motion import (
+from cvvae.training.motion import (
     MOTION_KINDS,
     MotionLimits,
     ellipse_masks,

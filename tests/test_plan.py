@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from cvvae.plan import PlanError, PlanSettings, blend_weights, make_plan, padded_frame_count, split_axis, split_time
+from cvvae.plan import PlanError, PlanSettings, blend_weights, make_plan, split_axis, split_time
 
 OFFICIAL = PlanSettings()  # 16-frame chunks, 576 px tiles, ratio 0.2222
 GOLDEN = PlanSettings(tile_size=64, tile_overlap_ratio=0.25)
@@ -70,7 +70,7 @@ def test_encode_and_decode_chunks():
 @pytest.mark.parametrize("frames", range(1, 42))
 def test_frame_padding_rule(frames):
     plan = make_plan(GOLDEN, frames, 16, 16)
-    assert plan.padded_frames == padded_frame_count(frames)
+    assert plan.padded_frames == GOLDEN.padded_frames(frames)
     assert (plan.padded_frames - 1) % 4 == 0 and 0 <= plan.padded_frames - frames < 4
     assert plan.latent_frames == (frames + 2) // 4 + 1 if frames > 1 else plan.latent_frames == 1
     # chunks cover every padded frame, consecutive chunks share one frame
@@ -92,3 +92,35 @@ def test_bad_settings():
         PlanSettings(tile_size=8)
     with pytest.raises(PlanError, match="positive"):
         make_plan(GOLDEN, 0, 16, 16)
+
+
+def test_shape_arithmetic_lives_on_the_config_and_the_settings():
+    """One definition of spec 5's sizes (cvvae.config.Compression), for any compression, not only 4x8."""
+    from cvvae.config import ModelConfig, preset
+    from cvvae.errors import InputError
+
+    cfg = preset("cvvae-v1")  # 4 levels: time x4 (levels 0 and 2 halve time), space x8
+    assert [cfg.num_latent_frames(t) for t in (1, 4, 5, 17, 18)] == [1, 1, 2, 5, 5]
+    assert [cfg.num_output_frames(n) for n in (1, 2, 5)] == [1, 5, 17]
+    assert [cfg.padded_frames(t) for t in (1, 2, 5, 6, 17)] == [1, 5, 5, 9, 17]
+    assert [cfg.latent_cells(px) for px in (1, 8, 9, 720)] == [1, 1, 2, 90]
+    assert [cfg.padded_pixels(px) for px in (1, 8, 9, 721)] == [8, 8, 16, 728]
+    assert cfg.encoded_shape((2, 3, 17, 64, 96)) == (2, 4, 5, 8, 12)
+    assert cfg.decoded_shape((2, 4, 5, 8, 12)) == (2, 3, 17, 64, 96)
+    assert cfg.encoder_level_sizes(17, 64, 96) == [(17, 64, 96), (9, 32, 48), (9, 16, 24), (5, 8, 12)]
+    assert cfg.decoder_level_sizes(5, 8, 12) == [(5, 8, 12), (9, 16, 24), (9, 32, 48), (17, 64, 96)]
+    assert cfg.decode_chunk_latents == 4 and PlanSettings(chunk_frames=8).decode_chunk_latents == 2
+    # 3 levels: one time-halving level (x2) and x4 in space
+    small = ModelConfig(widths=(32, 32, 32), norm_num_groups=8, time_compress=2, spatial_compress=4, chunk_frames=8,
+                        tile_spatial_size=32)
+    assert small.encoded_shape((1, 3, 9, 32, 40)) == (1, 4, 5, 8, 10)
+    assert small.encoder_level_sizes(9, 32, 40)[-1] == (5, 8, 10)
+    assert small.decoder_level_sizes(5, 8, 10)[-1] == (9, 32, 40)
+    settings = PlanSettings.from_config(small)
+    assert (settings.padded_frames(6), settings.padded_pixels(33)) == (7, 36)
+    plan = make_plan(settings, 6, 33, 40)
+    assert (plan.padded_frames, plan.latent_frames, plan.latent_height, plan.latent_width) == (7, 4, 9, 10)
+    with pytest.raises(InputError, match="a video needs at least 1 frame, got 0"):
+        cfg.num_latent_frames(0)
+    with pytest.raises(PlanError, match="a video needs at least 1 frame, got 0"):
+        settings.padded_frames(0)

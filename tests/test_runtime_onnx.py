@@ -12,7 +12,7 @@ from cvvae.cli import main
 from cvvae.export.to_onnx import ExportConfig, export_model
 from cvvae.loading import load_model
 from cvvae.runtime import VideoVAE
-from cvvae.runtime.video_io import read_video
+from cvvae.video_io import read_video
 
 TOL = 1e-4
 

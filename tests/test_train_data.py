@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvvae.train_data import (
+from cvvae.training.data import (
     EVAL_CLIPS,
     HELDOUT_FILES,
     DataConfig,
@@ -149,7 +149,7 @@ def _index_video(frames: int = 140, size: int = 48) -> np.ndarray:
 
 
 def test_clip_samples_read_strided_frames_and_reverse_some():
-    from cvvae.train_data import TrainingSources
+    from cvvae.training.data import TrainingSources
 
     sources = TrainingSources(videos=[_index_video()], video_names=["index@48"])
     cfg = DataConfig(video_short_sides=(48,), image_size=32, clip_frames=17, clip_size=32, clip_batch=1,

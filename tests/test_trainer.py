@@ -11,8 +11,8 @@ import torch
 
 from cvvae.errors import InputError
 from cvvae.model import DiagonalGaussian
-from cvvae.train_data import DataConfig, TrainSampler, load_sources
-from cvvae.trainer import (
+from cvvae.training.data import DataConfig, TrainSampler, load_sources
+from cvvae.training.trainer import (
     CHECKPOINT_NAME,
     CosineSchedule,
     ImageLoss,
@@ -160,8 +160,8 @@ def test_validation_reports_heldout_psnr_and_ssim(tiny_config, sources, tmp_path
 @pytest.mark.parametrize("autocast", ["fp32", "bf16"])
 def test_video_stage_trains_an_inflated_model_with_the_latent_loss(sources, tmp_path, autocast):
     """Stage 2 in miniature: a 32-wide image VAE, inflated, two steps of latent-regularised fine-tuning."""
-    from cvvae.image_vae import ImageVAE, image_preset, save_image_vae
-    from cvvae.inflate import inflate
+    from cvvae.training.image_vae import ImageVAE, image_preset, save_image_vae
+    from cvvae.training.inflate import inflate
     from cvvae.loading import save_model
 
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def test_shipped_configs_parse_and_unknown_keys_fail():
 
 
 def test_autocast_auto_uses_bf16_only_with_native_cpu_support(tmp_path, monkeypatch):
-    import cvvae.trainer as trainer_module
+    import cvvae.training.trainer as trainer_module
 
     epyc = tmp_path / "epyc"
     epyc.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")

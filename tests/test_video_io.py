@@ -1,4 +1,4 @@
-"""Tests for cvvae.runtime.video_io (PyAV reading/writing and pixel conversion)."""
+"""Tests for cvvae.video_io (PyAV reading/writing and pixel conversion)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from cvvae.runtime.video_io import (
+from cvvae.video_io import (
     VideoError,
     VideoWriter,
     frames_to_tensor,

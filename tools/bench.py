@@ -37,6 +37,7 @@ from cvvae.allocator import keep_memory, release_memory, returning_memory
 from cvvae.durations import format_duration
 from cvvae.errors import BackendUnavailableError, InputError
 from cvvae.fsutil import atomic_path
+from cvvae.plan import PlanSettings
 from cvvae.tools.flops import FlopCounter
 
 log = logging.getLogger(__name__)
@@ -361,21 +362,22 @@ class Inputs:
     width: int
 
     @classmethod
-    def make(cls, case: Case, latent_channels: int, *, seed: int, time_compress: int = 4,
-             spatial_compress: int = 8, device: str = "cpu") -> "Inputs":
+    def make(cls, case: Case, latent_channels: int, settings: PlanSettings, *, seed: int,
+             device: str = "cpu") -> "Inputs":
+        """Random pixels of the case's size and the latent of their padded size (what encoding them gives)."""
         gen = torch.Generator().manual_seed(seed)
         pixels = torch.rand(1, 3, case.frames, case.height, case.width, generator=gen) * 2 - 1
-        latent_t = (case.frames - 1 + time_compress - 1) // time_compress + 1
-        lh, lw = -(-case.height // spatial_compress), -(-case.width // spatial_compress)
+        latent_t = settings.num_latent_frames(settings.padded_frames(case.frames))
+        lh, lw = settings.latent_cells(case.height), settings.latent_cells(case.width)
         latent = torch.randn(1, latent_channels, latent_t, lh, lw, generator=gen)
         return cls(pixels.to(device), latent.to(device), case.frames, case.height, case.width)
 
-    def warmup(self, chunk_frames: int | None, time_compress: int = 4) -> "Inputs":
+    def warmup(self, settings: PlanSettings) -> "Inputs":
         """The first chunk of this input (same tile shapes), for warm-up runs."""
-        if chunk_frames is None or self.frames <= chunk_frames + 1:
+        if settings.chunk_frames is None or self.frames <= settings.chunk_frames + 1:
             return self
-        t = chunk_frames + 1
-        return Inputs(self.pixels[:, :, :t], self.latent[:, :, : chunk_frames // time_compress + 1], t, self.height,
+        t = settings.chunk_frames + 1
+        return Inputs(self.pixels[:, :, :t], self.latent[:, :, : settings.num_latent_frames(t)], t, self.height,
                       self.width)
 
 
@@ -641,9 +643,8 @@ def _bench_model(spec: str, model_path: str | None, targets: list[Target], cfg: 
         plan = model.plan(case.frames, case.height, case.width, settings)
         enc, dec = counter.plan(plan, "encoder").total, counter.plan(plan, "decoder").total
         flops = {"encode": enc, "decode": dec, "roundtrip": enc + dec}
-        x = Inputs.make(case, model.config.latent_channels, seed=cfg.seed, time_compress=settings.time_compress,
-                        spatial_compress=settings.spatial_compress, device=cfg.device)
-        warm = x.warmup(settings.chunk_frames, settings.time_compress)
+        x = Inputs.make(case, model.config.latent_channels, settings, seed=cfg.seed, device=cfg.device)
+        warm = x.warmup(settings)
         for op in cfg.ops:
             say(f"{progress} {spec}: {op} {case.shape} on {', '.join(t.label for t, _ in opened)}")
             runs = _measure_interleaved([ops[op] for _, ops in opened], x, warm, cfg, memory)

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from cvvae.cli import DeviceParam, handle_errors
-from cvvae.errors import BackendUnavailableError, InputError
+from cvvae.errors import InputError
 from cvvae.fsutil import check_writable_target
-from cvvae.extras import is_installed
+from cvvae.extras import require
 from cvvae.tools.bench import DEFAULT_TARGETS, OPS, BenchConfig, parse_hw, run_bench, write_results
 from cvvae.runtime.cli import read_kwargs, video_read_options
 from cvvae.tools.report import DEFAULT_REPORT_TARGETS, ReportConfig, build_report
@@ -67,8 +67,8 @@ def bench(models, quick, targets, ops, frames, frame_size, sizes, size_frames, r
     the machine's GEMM peak, peak memory, and the ratio to the reference."""
     if out_dir is not None:
         check_writable_target(out_dir, overwrite=force, what="bench output directory", kind="bench")
-        if not no_plots and not is_installed("matplotlib"):
-            raise BackendUnavailableError("the bench plots need matplotlib: pip install matplotlib (or pass --no-plots)")
+        if not no_plots:
+            require("matplotlib", "the bench plots", instead="pass --no-plots")
     overrides = {
         "models": tuple(models) or None, "targets": _csv(targets), "ops": _csv(ops),
         "frames": _ints(frames, "--frames"),

@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cvvae.config import ModelConfig
+from cvvae.errors import InputError
 from cvvae.model import CVVAE
 from cvvae.plan import VideoPlan
 
@@ -46,7 +47,7 @@ def tile_calls(plan: VideoPlan, component: Component, *, channels: int, batch: i
 
 def _check_component(component: str) -> None:
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+        raise InputError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
 
 
 def module_flops(module: torch.nn.Module, shape: tuple[int, ...]) -> int:

@@ -21,7 +21,7 @@ def load_input(path: Path, read_kwargs: dict[str, Any]) -> torch.Tensor:
     if path.suffix == ".npy":
         x = torch.from_numpy(read_pixels(path))
         return x if x.ndim == 5 else x.unsqueeze(0)
-    from cvvae.runtime.video_io import frames_to_tensor, read_video
+    from cvvae.video_io import frames_to_tensor, read_video
 
     frames, _ = read_video(path, **read_kwargs)
     return torch.from_numpy(frames_to_tensor(frames)).unsqueeze(0)

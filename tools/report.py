@@ -106,16 +106,15 @@ class Report:
         return d
 
 
-REPORT_PACKAGES = {"matplotlib": "matplotlib", "skimage": "scikit-image"}  # import name -> pip name
+REPORT_PACKAGES = ("matplotlib", "skimage")  # plots, SSIM
 
 
 def require_report_packages() -> None:
     """Fail before any work when the plotting/SSIM packages are missing, naming what to install."""
-    from cvvae.extras import is_installed
+    from cvvae.extras import require
 
-    missing = [pip for module, pip in REPORT_PACKAGES.items() if not is_installed(module)]
-    if missing:
-        raise BackendUnavailableError(f"cvvae report needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    for module in REPORT_PACKAGES:
+        require(module, "cvvae report")
 
 
 def shown_frame_indices(num_frames: int, count: int) -> list[int]:

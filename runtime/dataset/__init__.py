@@ -42,9 +42,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cvvae.errors import DatasetError
+
 from .clips import Clip, ClipPolicy, ShardSpec, make_clips, make_shards, probe_record
-from .common import FORMAT, HW, DatasetError, utc_now
-from .executors import RAY_HINT, LocalExecutor, PoolSizing, RayExecutor, RayOptions, import_ray, size_pool
+from .common import FORMAT, HW, utc_now
+from .executors import RAY_INSTEAD, LocalExecutor, PoolSizing, RayExecutor, RayOptions, import_ray, size_pool
 from .manifest import RESERVED_COLUMNS, VIDEO_SUFFIXES, ManifestRow, read_manifest
 from .plan import LATENT_MODES, DatasetPlan, EncoderSpec, plan_difference, plan_fingerprint, plan_settings
 from .store import (INDEX_FLUSH_S, KILL_AFTER_ENV, SHARD_FORMAT, SHARD_HEADER_KEY, ClipLatents, DatasetDir,
@@ -52,7 +54,7 @@ from .store import (INDEX_FLUSH_S, KILL_AFTER_ENV, SHARD_FORMAT, SHARD_HEADER_KE
 from .workers import EMPTY_FRAMES, EMPTY_LATENT, ClipEncoder, clip_seed, decode_clip
 
 __all__ = [
-    "EMPTY_FRAMES", "EMPTY_LATENT", "FORMAT", "HW", "INDEX_FLUSH_S", "KILL_AFTER_ENV", "LATENT_MODES", "RAY_HINT",
+    "EMPTY_FRAMES", "EMPTY_LATENT", "FORMAT", "HW", "INDEX_FLUSH_S", "KILL_AFTER_ENV", "LATENT_MODES", "RAY_INSTEAD",
     "RESERVED_COLUMNS", "SHARD_FORMAT", "SHARD_HEADER_KEY", "VIDEO_SUFFIXES", "Clip", "ClipEncoder", "ClipLatents",
     "ClipPolicy", "DatasetDir", "DatasetError", "DatasetPlan", "DatasetState", "EncoderSpec", "LocalExecutor",
     "ManifestRow", "PoolSizing", "ProgressFn", "RayExecutor", "RayOptions", "RunReport", "ShardSpec", "ShardWriter",
@@ -133,7 +135,7 @@ def decode_dataset(out_dir: str | Path, dest: str | Path, vae: Any, *, shards: I
                    limit: int | None = None, fmt: str = "mp4", crf: int = 18, overwrite: bool = False,
                    on_clip: Callable[[Path, int], None] | None = None) -> list[Path]:
     """Decode clips back to ``dest/shard-ID/POS-CLIPID.mp4`` (or PNG folders), for evaluation."""
-    from cvvae.runtime.video_io import VideoWriter, tensor_to_frames
+    from cvvae.video_io import VideoWriter, tensor_to_frames
 
     if fmt not in ("mp4", "png"):
         raise DatasetError(f"format must be 'mp4' or 'png', not {fmt!r}")

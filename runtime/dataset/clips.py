@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .common import HW, DatasetError
+from cvvae.errors import DatasetError
+
+from .common import HW
 from .manifest import ManifestRow
 
 
@@ -181,7 +183,7 @@ def _problem(kind: str, row: ManifestRow, reason: str) -> dict[str, Any]:
 
 def probe_record(record: dict[str, Any]) -> dict[str, Any]:
     """``{"row", "path"}`` -> the same plus ``"probe"``: JSON of the video's frames, fps and size, or its error."""
-    from cvvae.runtime.video_io import probe_video
+    from cvvae.video_io import probe_video
 
     try:
         info = probe_video(record["path"])

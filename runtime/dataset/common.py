@@ -6,15 +6,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from cvvae.errors import InputError
-
 FORMAT = "cvvae-dataset/1"  # of plan.json and index.json
 
 HW = tuple[int, int]
-
-
-class DatasetError(InputError):
-    """A manifest, clip policy or output folder that cannot be used as it is."""
 
 
 def utc_now() -> str:

@@ -10,17 +10,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cvvae.errors import BackendUnavailableError
+from cvvae.extras import lazy_import
 
 from .clips import Clip, probe_record
-from .common import DatasetError
+from cvvae.errors import DatasetError
 from .plan import EncoderSpec
 from .workers import ClipEncoder, decode_clip
 
 log = logging.getLogger(__name__)
 
-RAY_HINT = ("Ray is an optional extra: pip install 'cvvae-deploy[ray]' (ray[data] and pyarrow), "
-            "or encode in this process with --executor local")
+RAY_INSTEAD = "encode in this process with --executor local"
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,9 @@ def size_pool(cpus: float, gpus: float, *, device: str = "auto", encoders: int |
 
 
 def import_ray() -> Any:
-    try:
-        import ray
-        import ray.data  # noqa: F401  (ray without the [data] extra lacks it)
-    except ImportError as e:
-        raise BackendUnavailableError(f"the ray executor needs ray[data], which is not installed. {RAY_HINT}") from e
+    """Ray with its data library (``ray[data]``), or the install line and the local alternative."""
+    ray = lazy_import("ray", "the ray executor", instead=RAY_INSTEAD)
+    lazy_import("ray.data", "the ray executor", instead=RAY_INSTEAD)  # ray without the [data] extra lacks it
     return ray
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import DatasetError
+from cvvae.errors import DatasetError
+from cvvae.extras import lazy_import
+
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"})
 RESERVED_COLUMNS = ("path", "start", "end")  # everything else in a manifest row is passed through
@@ -94,11 +96,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DatasetError(f"reading the Parquet manifest {path} needs pyarrow: pip install 'cvvae-deploy[ray]' "
-                           "(or pip install pyarrow), or pass a CSV manifest") from e
+    pq = lazy_import("pyarrow.parquet", f"reading the Parquet manifest {path}", instead="pass a CSV manifest")
     return pq.read_table(path).to_pylist()
 
 

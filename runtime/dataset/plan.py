@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cvvae.errors import DatasetError
+
 from .clips import Clip, ClipPolicy, ShardSpec, make_clips, make_shards
-from .common import FORMAT, DatasetError, utc_now
+from .common import FORMAT, utc_now
 from .manifest import ManifestRow
 
 LATENT_MODES = ("moments", "sample")

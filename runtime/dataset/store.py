@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from cvvae.errors import DatasetError
 from cvvae.fsutil import TEMP_TAG, atomic_path, remove_tree, sha256_file
 
 from .clips import Clip, ShardSpec
-from .common import FORMAT, DatasetError, utc_now
+from .common import FORMAT, utc_now
 from .plan import DatasetPlan
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ EMPTY_LATENT = np.zeros((0, 0, 0, 0, 0), np.float32)
 
 def decode_clip(row: dict[str, Any]) -> dict[str, Any]:
     """``{"clip": json}`` -> plus ``frames`` (uint8 T,H,W,3) or ``error``; never raises for a bad video."""
-    from cvvae.runtime.video_io import VideoError, read_video
+    from cvvae.video_io import VideoError, read_video
 
     clip = Clip.from_json(row["clip"])
     t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def test_reconstruct_real_clip_with_the_default_model(tmp_path):
     clips = sorted(VIDEOS.glob("*.mp4"))
     if not clips:
         pytest.skip(f"no real clips in {VIDEOS} (set CVVAE_SHARED to the shared/ folder)")
-    from cvvae.runtime.video_io import probe_video, read_video
+    from cvvae.video_io import probe_video, read_video
 
     out = tmp_path / "out.mp4"
     r = CliRunner().invoke(main, ["reconstruct", str(clips[0]), "-o", str(out), "--max-frames", "17",

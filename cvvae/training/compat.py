@@ -1,7 +1,7 @@
 """How well a video VAE reconstructs a clip, and how well its latents read through the image VAE's decoder.
 
 The second number is the point of CV-VAE: its latent of a video, decoded frame by frame by SD's image decoder, should
-look like the input frames that the latent frames stand for (:func:`cvvae.losses.map_frames`, "slice" = frames
+look like the input frames that the latent frames stand for (:func:`cvvae.training.losses.map_frames`, "slice" = frames
 0, 4, 8, ...). A high ``image_decoder_psnr`` means the latent space is compatible with models trained on the image
 VAE's latents.
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .image_vae import ImageVAE
 from .losses import MAPPINGS, decode_frames, map_frames
-from .metrics import psnr, psnr_per_frame, ssim_video
-from .model import CVVAE
-from .plan import PlanSettings
+from ..metrics import psnr, psnr_per_frame, ssim_video
+from ..model import CVVAE
+from ..plan import PlanSettings
 
 
 @torch.no_grad()
@@ -38,11 +38,11 @@ def measure_compat(video_vae: CVVAE, image_vae: ImageVAE, frames: torch.Tensor, 
         raise InputError(f"frames must be (B,3,T,H,W) in [-1, 1], got {tuple(frames.shape)}")
     cfg = video_vae.config
     t, h, w = frames.shape[2:]
-    if (t - 1) % cfg.time_compress:
-        keep = 1 + cfg.time_compress * ((t - 1) // cfg.time_compress)
+    if cfg.padded_frames(t) != t:
+        keep = cfg.num_output_frames(cfg.num_latent_frames(t))
         raise InputError(f"{t} frames is not 1 + {cfg.time_compress}k; keep the first {keep} frames "
                          "(as the official scripts do) so latent frames and target frames line up")
-    if h % cfg.spatial_compress or w % cfg.spatial_compress:
+    if (cfg.padded_pixels(h), cfg.padded_pixels(w)) != (h, w):
         raise InputError(f"frame size {h}x{w} is not a multiple of {cfg.spatial_compress}; crop or resize first")
     if image_vae.config.z_channels != cfg.latent_channels:
         raise InputError(f"image VAE has {image_vae.config.z_channels} latent channels, the video VAE "

@@ -2,10 +2,10 @@
 
 Stages (``stage`` in the TOML file):
 
-* ``image``: an :class:`~cvvae.image_vae.ImageVAE` from scratch on photos and single video frames, with
+* ``image``: an :class:`~cvvae.training.image_vae.ImageVAE` from scratch on photos and single video frames, with
   :class:`ImageLoss` (L1 + a small KL + an optional gradient/edge L1; no LPIPS or GAN: no such weights offline).
-* ``video``: a CV-VAE v1 inflated from the trained image VAE (:func:`cvvae.inflate.inflate`, spec 9), fine-tuned
-  with :class:`~cvvae.losses.LatentRegularizedLoss` whose frozen image decoder keeps the latents decodable by the
+* ``video``: a CV-VAE v1 inflated from the trained image VAE (:func:`.inflate.inflate`, spec 9), fine-tuned
+  with :class:`~.losses.LatentRegularizedLoss` whose frozen image decoder keeps the latents decodable by the
   image VAE (spec 8).
 * ``video-noreg``: the same fine-tune with ``rec2d_weight = 0`` (the ablation).
 
@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .durations import format_duration
-from .errors import CheckpointError, CVVAEError, InputError
-from .fsutil import atomic_path
-from .metrics import psnr, ssim_video
-from .model import DiagonalGaussian
-from .train_data import EVAL_CLIPS, DataConfig, TrainSampler, load_eval_clip
+from ..durations import format_duration
+from ..errors import CheckpointError, InputError, TrainingError
+from ..fsutil import atomic_path
+from ..metrics import psnr, ssim_video
+from ..model import DiagonalGaussian
+from .data import EVAL_CLIPS, DataConfig, TrainSampler, load_eval_clip
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ LOCK_NAME = ".lock"  # flock held while a process trains in the run dir (release
 RESULT_NAME = "result.json"
 METRICS_NAME = "metrics.jsonl"
 EXPORT_NAME = "final"  # run_dir/final: the trained weights (image VAE or CV-VAE folder)
-
-
-class TrainingError(CVVAEError, RuntimeError):
-    """Training that cannot go on (non-finite loss, missing stage input)."""
 
 
 # ----- configuration ----------------------------------------------------------------------------------------
@@ -331,7 +327,7 @@ class VideoStage:
         return self.model.decode(enc.mean, num_frames=enc.num_frames, height=enc.height, width=enc.width)
 
     def export(self, folder):
-        from .loading import save_model
+        from ..loading import save_model
 
         save_model(self.model, folder, overwrite=True)
 
@@ -359,7 +355,7 @@ def build_task(config: TrainConfig, *, base_dir: Path | None = None) -> TrainTas
     init = _resolve(config.model.init, base_dir)
     inflate_from = _resolve(config.model.inflate_from, base_dir)
     if init is not None:
-        from .loading import load_model
+        from ..loading import load_model
 
         model = load_model(init)
     elif inflate_from is not None:
@@ -443,7 +439,7 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     file, or a CV-VAE folder. The checkpoint's architecture comes from the run's ``[model] init`` folder. Returns
     the fp32 model in eval mode and ``{"source", "step", "elapsed_s"}``.
     """
-    from .loading import load_model
+    from ..loading import load_model
 
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists() and not (path / CHECKPOINT_NAME).exists():

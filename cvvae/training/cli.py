@@ -1,7 +1,7 @@
-"""``cvvae train`` and ``cvvae compat``: click commands over :mod:`cvvae.trainer` and :mod:`cvvae.compat`.
+"""``cvvae train`` and ``cvvae compat``: click commands over :mod:`.trainer` and :mod:`.compat`.
 
 Both are plain click commands (``train_command``, ``compat_command``) that ``cvvae.cli`` registers; this module also
-runs on its own (``python -m cvvae.train_cli train ...``), which is how scripts/train_default_model.py starts stages.
+runs on its own (``python -m cvvae.training.cli train ...``), which is how scripts/train_default_model.py starts stages.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _sigterm_as_interrupt(signum, frame) -> None:  # noqa: ARG001
 def train_command(config_path, run_dir, resume, max_steps, max_minutes, threads, init, inflate_from, image_vae,
                   as_json, verbose) -> None:
     """Train (or continue) one stage: image VAE, video fine-tune, or the no-regularisation ablation."""
-    from .errors import CVVAEError
+    from ..errors import CVVAEError
     from .trainer import TrainConfig, train
 
     _setup_logging(verbose)
@@ -111,7 +111,7 @@ def train_command(config_path, run_dir, resume, max_steps, max_minutes, threads,
               show_default=True, help="Which input frames the image decoder's output is compared with.")
 @click.option("--whole", is_flag=True,
               help="Evaluate every non-overlapping 17-frame window of the whole clip (ignores --frames): mean, "
-                   "worst window, key frames vs in-between frames (cvvae.clip_eval).")
+                   "worst window, key frames vs in-between frames (cvvae.training.clip_eval).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="With --whole: write a per-frame PSNR plot (PNG) here.")
 @click.option("--threads", type=int, default=None, help="torch threads.")
@@ -124,10 +124,10 @@ def compat_command(model_path, image_vae_path, clip, frames, height, mapping, wh
     import torch
 
     from .compat import measure_compat
-    from .errors import CVVAEError
+    from ..errors import CVVAEError
     from .image_vae import load_image_vae
-    from .loading import load_model
-    from .train_data import load_eval_clip
+    from ..loading import load_model
+    from .data import load_eval_clip
 
     if threads:
         torch.set_num_threads(threads)
@@ -163,7 +163,7 @@ def compat_command(model_path, image_vae_path, clip, frames, height, mapping, wh
 
 def _compat_whole(video_vae, image_vae, clip: str, height: int, plot_path: str | None, as_json: bool) -> None:
     from .clip_eval import evaluate_clip, plot_per_frame, summarize
-    from .train_data import load_eval_clip
+    from .data import load_eval_clip
 
     x = load_eval_clip(clip, frames=None, height=height)
     result = evaluate_clip(video_vae, x, image_vae)

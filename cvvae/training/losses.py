@@ -28,9 +28,10 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from ..errors import InputError
+from ..metrics import psnr
+from ..model import DiagonalGaussian
 from .image_vae import ImageVAE
-from .metrics import psnr
-from .model import DiagonalGaussian
 
 Mapping = Literal["first", "slice", "mean", "random"]
 MAPPINGS: tuple[str, ...] = ("first", "slice", "mean", "random")
@@ -64,9 +65,9 @@ def map_frames(x: torch.Tensor, mode: Mapping, time_compress: int = 4,
     Trailing frames that fill no group (T = 1+4k+r) are ignored. T = 1 gives frame 0 for every mode.
     """
     if x.ndim != 5:
-        raise ValueError(f"map_frames expects (B,C,T,H,W), got {tuple(x.shape)}")
+        raise InputError(f"map_frames expects (B,C,T,H,W), got {tuple(x.shape)}")
     if mode not in MAPPINGS:
-        raise ValueError(f"unknown mapping {mode!r}; expected one of {', '.join(MAPPINGS)}")
+        raise InputError(f"unknown mapping {mode!r}; expected one of {', '.join(MAPPINGS)}")
     t, c = x.shape[2], time_compress
     groups = (t - 1) // c
     if mode == "first" or groups == 0:
@@ -108,9 +109,9 @@ class LatentRegularizedLoss(nn.Module):
                  perceptual_weight: float = 0.5, time_compress: int = 4) -> None:
         super().__init__()
         if mapping not in MAPPINGS:
-            raise ValueError(f"unknown mapping {mapping!r}; expected one of {', '.join(MAPPINGS)}")
+            raise InputError(f"unknown mapping {mapping!r}; expected one of {', '.join(MAPPINGS)}")
         if encoder_constraint_weight and image_encoder_for_constraint is None:
-            raise ValueError("encoder_constraint_weight > 0 needs image_encoder_for_constraint (a frozen ImageVAE)")
+            raise InputError("encoder_constraint_weight > 0 needs image_encoder_for_constraint (a frozen ImageVAE)")
         self.mapping = mapping
         self.kl_weight = kl_weight
         self.rec2d_weight = rec2d_weight
@@ -149,7 +150,7 @@ class LatentRegularizedLoss(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """``x``/``xrec`` (B,3,T,H,W) in [-1, 1]; ``z`` the posterior sample the decoder saw (B,z,T',h,w)."""
         if x.shape != xrec.shape:
-            raise ValueError(f"x {tuple(x.shape)} and xrec {tuple(xrec.shape)} differ in shape")
+            raise InputError(f"x {tuple(x.shape)} and xrec {tuple(xrec.shape)} differ in shape")
         b, t = x.shape[0], x.shape[2]
         rec = self._rec(x, xrec)
         nll = (rec / self.logvar.exp() + self.logvar).sum() / (b * t)
@@ -159,7 +160,7 @@ class LatentRegularizedLoss(nn.Module):
             target = map_frames(x, self.mapping, self.time_compress, generator)
             t2 = target.shape[2]
             if z.shape[2] < t2:
-                raise ValueError(f"{z.shape[2]} latent frames cannot cover {t2} target frames of a {t}-frame video")
+                raise InputError(f"{z.shape[2]} latent frames cannot cover {t2} target frames of a {t}-frame video")
             # rec2d_weight 0 (an unregularised baseline): still measured and logged, but without a graph
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.rec2d_weight != 0):
                 # back to z's dtype: under bf16 autocast the sum below stays in fp32

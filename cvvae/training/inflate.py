@@ -57,9 +57,10 @@ from typing import Any, Literal
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..model import CVVAE
 from .image_vae import ImageVAE
-from .model import CVVAE
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _inflate_tensor(key: str, target: torch.Tensor, source: torch.Tensor) -> tor
     if ".upsample.conv." in key and target.shape[0] == 2 * src.shape[0]:
         src = torch.cat([src, src], dim=0)  # time-upsampling conv: both output halves hold the 2D conv
     if src.shape != target.shape:
-        raise ValueError(f"cannot inflate {key}: 2D shape {tuple(source.shape)} vs 3D shape {tuple(target.shape)}")
+        raise CheckpointError(f"cannot inflate {key}: 2D shape {tuple(source.shape)} vs 3D shape {tuple(target.shape)}")
     return src.to(target.dtype)
 
 
@@ -132,7 +133,7 @@ def temporal_attention_state(sd: dict[str, torch.Tensor], prefix: str, mode: str
     ``sd`` holds the inflated tensors under ``prefix`` (e.g. ``decoder.mid.attn_1.``); see the module docstring.
     """
     if mode not in TEMPORAL_INITS:
-        raise ValueError(f"temporal_attention_init={mode!r}; expected one of {', '.join(TEMPORAL_INITS)}")
+        raise InputError(f"temporal_attention_init={mode!r}; expected one of {', '.join(TEMPORAL_INITS)}")
     dtype = sd[prefix + "proj_out.weight"].dtype
     c = sd[prefix + "proj_out.weight"].shape[0]
     eye, zeros = torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
@@ -175,9 +176,9 @@ def inflate(image_vae: ImageVAE, *, variant: str = "v1", fold_quant_convs: bool 
             "use variant='v1'"
         )
     if variant != "v1":
-        raise ValueError(f"unknown variant {variant!r}; expected 'v1'")
+        raise InputError(f"unknown variant {variant!r}; expected 'v1'")
     if temporal_attention_init not in TEMPORAL_INITS:
-        raise ValueError(f"temporal_attention_init={temporal_attention_init!r}; "
+        raise InputError(f"temporal_attention_init={temporal_attention_init!r}; "
                          f"expected one of {', '.join(TEMPORAL_INITS)}")
     if image_vae.config.eps != 1e-5:
         log.info("image VAE GroupNorm eps %g differs from CV-VAE v1's 1e-5: the inflated model is close, not exact",
@@ -195,7 +196,7 @@ def inflate(image_vae: ImageVAE, *, variant: str = "v1", fold_quant_convs: bool 
             sd[key] = target  # default init; temporal_attention_state overwrites all but k_t
             continue
         if key not in src:
-            raise ValueError(f"image VAE has no tensor {key} to inflate (is it an ldm-layout ImageVAE?)")
+            raise CheckpointError(f"image VAE has no tensor {key} to inflate (is it an ldm-layout ImageVAE?)")
         sd[key] = _inflate_tensor(key, target, src[key])
     if fold_quant_convs:
         _fold_quant_convs(sd, image_vae)

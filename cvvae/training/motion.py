@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 MotionKind = Literal["pan", "zoom", "rotate", "parallax"]
 MOTION_KINDS: tuple[str, ...] = ("pan", "zoom", "rotate", "parallax")
 
@@ -173,7 +175,7 @@ def synthesize(rng: np.random.Generator, kind: str, source: np.ndarray, frames: 
     fits at speed 0); ``second`` is the foreground picture of a parallax clip (``source`` itself when None).
     """
     if kind not in MOTION_KINDS:
-        raise ValueError(f"unknown motion kind {kind!r}; expected one of {', '.join(MOTION_KINDS)}")
+        raise InputError(f"unknown motion kind {kind!r}; expected one of {', '.join(MOTION_KINDS)}")
     scale = 1.0
     for _ in range(12):
         if kind == "pan":
@@ -190,4 +192,4 @@ def synthesize(rng: np.random.Generator, kind: str, source: np.ndarray, frames: 
         if clip is not None:
             return clip
         scale /= 2.0
-    raise ValueError(f"picture of {source.shape[1]}x{source.shape[0]} px is too small for {kind} crops of {size} px")
+    raise InputError(f"picture of {source.shape[1]}x{source.shape[0]} px is too small for {kind} crops of {size} px")

@@ -1,4 +1,5 @@
-"""Video I/O for the CV-VAE runtime, built on PyAV (FFmpeg).
+"""Video I/O, built on PyAV (FFmpeg): in the core layer because the runtime, calibration data, tools, dataset
+encoding and tests all read and write video (docs/architecture.md).
 
 Reading: :func:`probe_video`, :func:`read_video` (whole selection as one array) and
 :func:`iter_video_frames` (the same frames streamed in chunks). Frame selection is
@@ -33,8 +34,8 @@ from typing import Any
 import av
 import numpy as np
 
-from ..errors import InputError
-from ..fsutil import make_temp, publish, remove_tree, replace_problem
+from .errors import InputError, VideoError
+from .fsutil import make_temp, publish, remove_tree, replace_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ HW = tuple[int, int]
 VIDEO_CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm"}
 _INTERPOLATION = "AREA"  # swscale area averaging: good for downscaling, fine for upscaling
 _PNG_NAME = "frame_{:06d}.png"
-
-
-class VideoError(InputError):
-    """A video could not be read or written, or the arguments do not fit the video."""
 
 
 @dataclass(frozen=True)
@@ -556,7 +553,7 @@ def frames_to_tensor(frames: np.ndarray) -> np.ndarray:
     """uint8 RGB ``(T, H, W, 3)`` -> float32 ``(3, T, H, W)`` in ``[-1, 1]`` (``x / 127.5 - 1``)."""
     arr = np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {arr.dtype} {arr.shape}")
+        raise InputError(f"expected uint8 frames of shape (T, H, W, 3), got {arr.dtype} {arr.shape}")
     x = np.ascontiguousarray(arr.transpose(3, 0, 1, 2), dtype=np.float32)
     x /= 127.5
     x -= 1.0
@@ -570,7 +567,7 @@ def tensor_to_frames(x: Any) -> np.ndarray:
         x = x.detach().float().cpu().numpy()
     arr = np.asarray(x, dtype=np.float32)
     if arr.ndim != 4 or arr.shape[0] != 3:
-        raise ValueError(
+        raise InputError(
             f"expected a (3, T, H, W) tensor, got shape {arr.shape}; index the batch first (x[0])"
         )
     out = np.rint((np.clip(arr, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -1,7 +1,7 @@
 """Stable Diffusion's 2D KL autoencoder in the ldm layout, loadable without diffusers.
 
 This is the image VAE that CV-VAE v1 is compatible with (SD2.1's ``first_stage_model``) and that it is inflated from
-(:mod:`cvvae.inflate`, spec 9). The module tree uses the ldm key names of SD checkpoints, which are also the key names
+(:mod:`.inflate`, spec 9). The module tree uses the ldm key names of SD checkpoints, which are also the key names
 of CV-VAE v1 (``encoder.down.{i}.block.{j}``, ``encoder.mid.attn_1``, ``decoder.up.{i}`` with ``up.{n-1}`` running
 first), so the 2D and 3D weights line up key for key:
 
@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .blocks import ldm_decoder_forward, ldm_encoder_forward
-from .config import ConfigError
-from .errors import CheckpointError
-from .fsutil import atomic_path
-from .loading import read_state_dict
-from .model import DiagonalGaussian
+from ..blocks import ldm_decoder_forward, ldm_encoder_forward
+from ..errors import CheckpointError, ConfigError, InputError
+from ..fsutil import atomic_path
+from ..loading import read_state_dict
+from ..model import DiagonalGaussian
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +296,12 @@ class ImageVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B,{self.config.in_channels},H,W), got {tuple(x.shape)}")
+            raise InputError(f"expected images (B,{self.config.in_channels},H,W), got {tuple(x.shape)}")
         return DiagonalGaussian.from_moments(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 4 or z.shape[1] != self.config.z_channels:
-            raise ValueError(f"expected latents (B,{self.config.z_channels},h,w), got {tuple(z.shape)}")
+            raise InputError(f"expected latents (B,{self.config.z_channels},h,w), got {tuple(z.shape)}")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

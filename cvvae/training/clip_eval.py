@@ -10,7 +10,7 @@ non-overlapping windows of ``window`` = 17 frames starting at frame 0; each wind
 with the model's chunk/tile plan (``CVVAE.encode``/``decode``, as ``cvvae reconstruct`` does; 17 frames are exactly
 one temporal chunk), in fp32 from the posterior mean. The ``T mod 17`` frames after the last whole window are not
 evaluated (reported as ``frames_left_out``). Within a window, frames 0, 4, 8, 12, 16 are the latent key frames, the
-others the in-between frames. The image-decoder PSNR (compatibility, :mod:`cvvae.compat`) decodes each latent frame
+others the in-between frames. The image-decoder PSNR (compatibility, :mod:`.compat`) decodes each latent frame
 with the image VAE and compares it with the key frame it stands for ("slice" mapping).
 
 PSNR is :mod:`cvvae.metrics`' (range 2 on [-1, 1]); the mean of a window is the PSNR of its mean squared error over
@@ -24,11 +24,11 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .image_vae import ImageVAE
 from .losses import decode_frames, map_frames
-from .metrics import psnr, psnr_from_mse, psnr_per_frame
-from .model import CVVAE
+from ..metrics import psnr, psnr_from_mse, psnr_per_frame
+from ..model import CVVAE
 
 WINDOW = 17
 
@@ -132,7 +132,7 @@ def plot_per_frame(name: str, results: dict[str, dict[str, Any]], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsutil import atomic_path
+    from ..fsutil import atomic_path
 
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
     for label, r in results.items():

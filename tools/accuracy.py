@@ -170,7 +170,7 @@ def measure(export_dir: str | Path, clips: Sequence[str | Path], config: Accurac
     from cvvae.metrics import psnr_per_frame
     from cvvae.runtime import VideoVAE
     from cvvae.runtime.api import to_pixels
-    from cvvae.runtime.video_io import read_video
+    from cvvae.video_io import read_video
 
     config = config or AccuracyConfig()
     say = on_progress or (lambda msg: log.info("%s", msg))
@@ -286,10 +286,9 @@ def accuracy_report(export_dir: str | Path, clips: Sequence[str | Path], out_dir
 
 # ----- figures and text ---------------------------------------------------------------------------------------
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise InputError("the accuracy report draws its figures with matplotlib: pip install matplotlib") from e
+    from cvvae.extras import lazy_import
+
+    matplotlib = lazy_import("matplotlib", "the accuracy report's figures")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
