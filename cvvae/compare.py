@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .arrays import to_numpy
+from .errors import InputError
 from .metrics import psnr_from_mse
 
 P99_SAMPLE = 1 << 24  # elements the p99 is computed on (a fixed random subset beyond)
@@ -91,7 +92,7 @@ def parity_tolerance(precision: str, output: str) -> Tolerance:
     try:
         return PARITY[(precision, kind)]
     except KeyError:
-        raise ValueError(f"no parity tolerance for precision {precision!r}; known: "
+        raise InputError(f"no parity tolerance for precision {precision!r}; known: "
                          f"{', '.join(sorted({p for p, _ in PARITY}))}") from None
 
 
@@ -169,7 +170,7 @@ def compare(actual: Any, reference: Any, tolerance: Tolerance | None = None, *, 
     a, r = to_numpy(actual), to_numpy(reference)
     if a.shape != r.shape:
         where = " ".join(x for x in (component, backend, output, case) if x)
-        raise ValueError(f"{where}: shape {tuple(a.shape)} differs from the reference {tuple(r.shape)}")
+        raise InputError(f"{where}: shape {tuple(a.shape)} differs from the reference {tuple(r.shape)}")
     a, r = a.astype(np.float64), r.astype(np.float64)
     finite = np.isfinite(a)
     err = np.abs(np.where(finite, a, 0.0) - r)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import to_numpy
+from .errors import InputError
 from .extras import lazy_import
 
 SSIM_WINDOW = 11  # Gaussian sigma 1.5, truncated at 3.5 sigma: radius 5
@@ -37,14 +38,14 @@ def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
 def psnr(a: Any, b: Any, data_range: float = 2.0) -> float:
     """10.log10(range^2 / MSE) over all elements; ``inf`` for identical arrays."""
     if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"psnr: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        raise InputError(f"psnr: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
     return psnr_from_mse(float(np.mean((_float64(a) - _float64(b)) ** 2)), data_range)
 
 
 def psnr_per_frame(a: Any, b: Any, data_range: float = 2.0) -> list[float]:
     """PSNR of each frame t of (B,C,T,H,W) videos, over the batch, channels and pixels of that frame."""
     if tuple(a.shape) != tuple(b.shape) or len(a.shape) != 5:
-        raise ValueError(f"psnr_per_frame: expected equal (B,C,T,H,W) shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise InputError(f"psnr_per_frame: expected equal (B,C,T,H,W) shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
     mse = np.mean((_float64(a) - _float64(b)) ** 2, axis=(0, 1, 3, 4))
     return [psnr_from_mse(float(m), data_range) for m in mse]
 
@@ -63,9 +64,9 @@ def _unit_frames(video: Any) -> np.ndarray:
 def ssim_video(a: Any, b: Any) -> tuple[float, list[float]]:
     """SSIM of (B,C,T,H,W) videos in [-1, 1]: (mean over all frames, per-frame values averaged over the batch)."""
     if tuple(a.shape) != tuple(b.shape) or len(a.shape) != 5:
-        raise ValueError(f"ssim_video: expected equal (B,C,T,H,W) shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise InputError(f"ssim_video: expected equal (B,C,T,H,W) shapes, got {tuple(a.shape)}, {tuple(b.shape)}")
     if min(a.shape[3:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim_video: frames of {a.shape[3]}x{a.shape[4]} px are smaller than SSIM's "
+        raise InputError(f"ssim_video: frames of {a.shape[3]}x{a.shape[4]} px are smaller than SSIM's "
                          f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
     structural_similarity = lazy_import("skimage.metrics", "SSIM").structural_similarity
     ua, ub = _unit_frames(a), _unit_frames(b)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .extras import lazy_import
 
 # ONNX Runtime's type strings of the float tensors a CV-VAE graph takes or returns
@@ -34,7 +35,7 @@ def ort_session(model: str | Path | bytes, *, threads: int | None = None, provid
     """
     ort = lazy_import("onnxruntime", feature)
     if optimization not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        raise InputError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
