@@ -5,13 +5,9 @@ can ask the executor for more than there is. Rather than let the allocator fail 
 process), the loader and the runtime compare an estimate with the memory available now and refuse with both figures.
 
 * :func:`parameter_count` is exact: the model built on PyTorch's meta device (shapes only, no storage).
-* :func:`plan_memory` is the working set of one encode and one decode under a :class:`~cvvae.plan.VideoPlan`: the
-  pixels of one temporal chunk (held twice: the chunk and its stitched/padded copy), the activations of one tile call,
-  and the latents of the whole video (they are collected in memory). Activations are :data:`ACTIVATION_FACTOR` x the
-  largest tensor of the network (:func:`largest_activation`). The factor is measured (peak RSS above the baseline,
-  ``MALLOC_MMAP_THRESHOLD_=65536``, one thread, no tiling, 17 frames): full-size v1 at 96x96 encode 498 MB = 3.1x,
-  decode 598 MB = 3.7x its 160 MB largest tensor; tiny-v1 at 256x256 encode 3.1x, decode 3.6x. So the estimate is
-  within about 15 % of the real peak, slightly under for decoding: it refuses what cannot fit, not what nearly does.
+* :func:`plan_memory` is the peak of encoding, decoding or either under a :class:`~cvvae.plan.VideoPlan`: the one
+  estimate of a job's memory, :func:`cvvae.plan.estimate_memory` (calibrated against measured peak RSS), taken for the
+  direction that needs more.
 * :func:`available_memory` is ``MemAvailable`` (Linux ``/proc/meminfo``), lowered to the cgroup's remaining limit
   inside a container; None where neither can be read (then nothing is refused).
 
@@ -29,10 +25,10 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import InputError, ResourceError
-from .plan import VideoPlan
+from .plan import MemoryEstimate as PlanEstimate
+from .plan import VideoPlan, estimate_memory
 
 BYTES_FP32 = 4
-ACTIVATION_FACTOR = 3.5  # measured 3.1 (encode) to 3.7 (decode), see the module docstring
 # What loading needs besides the weights: the checkpoint's tensors are read before they are copied into the model.
 LOAD_COPIES = 2
 HEADROOM = 256 << 20  # the interpreter, torch's own buffers, the reader
@@ -131,43 +127,17 @@ def check_model_fits(config: ModelConfig, *, bytes_per_param: int = BYTES_FP32) 
     return count
 
 
-def largest_activation(config: ModelConfig, frames: int, pixels: int) -> int:
-    """Values in the largest tensor of one component call on ``frames`` x ``pixels``.
-
-    Level i runs at 1/4^i of the pixels with ``widths[i]`` channels, and also holds the ``widths[i+1]``-channel tensor
-    coming up from (decoder) or going down to (encoder) the next level; the time axis is taken at full length.
-    """
-    w = config.widths
-    return max(max(w[i], w[min(i + 1, len(w) - 1)]) * frames * pixels // 4 ** i for i in range(len(w)))
-
-
 def plan_memory(plan: VideoPlan, config: ModelConfig, *, batch: int = 1, batch_tiles: bool = False,
-                direction: str = "both") -> MemoryEstimate:
-    """Peak working memory of encoding (``"encode"``), decoding (``"decode"``) or either (``"both"``, the larger)."""
-    if direction == "both":
-        enc = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction="encode")
-        dec = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction="decode")
-        return enc if enc.total >= dec.total else dec
-    settings = plan.settings
-    s, chunk = settings.spatial_compress, settings.chunk_frames
-    frames = plan.padded_frames if chunk is None else min(chunk + 1, plan.padded_frames)
-    if direction == "decode":  # a decode chunk of l latents gives 4(l-1)+1 frames
-        frames = settings.num_output_frames(min(settings.num_latent_frames(frames), plan.latent_frames))
-    tile_px = max(plan.rows.sizes) * s * max(plan.cols.sizes) * s
-    tiles_at_once = plan.num_tiles if batch_tiles else 1
-    latent_values = plan.latent_frames * plan.latent_height * plan.latent_width * config.latent_channels
-    pixels = batch * config.in_channels * frames * plan.padded_height * plan.padded_width * BYTES_FP32
-    activations = int(ACTIVATION_FACTOR * batch * tiles_at_once * largest_activation(config, frames, tile_px)
-                      * BYTES_FP32)
-    return MemoryEstimate({
-        f"{direction} chunk pixels": 2 * pixels,
-        "tile activations": activations,
-        "latents": 2 * batch * 2 * latent_values * BYTES_FP32,  # mean and logvar, and their concatenation
-    })
+                direction: str = "both") -> PlanEstimate:
+    """Peak memory of encoding (``"encode"``), decoding (``"decode"``) or either (``"both"``, the larger), from the
+    one estimate (:func:`cvvae.plan.estimate_memory`)."""
+    directions = ("encode", "decode") if direction == "both" else (direction,)
+    return max((estimate_memory(config, plan, d, batch=batch, batch_tiles=batch_tiles) for d in directions),
+               key=lambda e: e.total)
 
 
 def check_plan_fits(plan: VideoPlan, config: ModelConfig, *, batch: int = 1, batch_tiles: bool = False,
-                    direction: str = "both") -> MemoryEstimate:
+                    direction: str = "both") -> PlanEstimate:
     """Refuse a plan whose working set exceeds the memory available now; returns the estimate."""
     estimate = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction=direction)
     tiling = ("" if plan.settings.tile_size is None

@@ -316,6 +316,11 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.baseline + self.weights + self.activations + self.io
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"total_bytes": self.total, "direction": self.direction, "baseline_bytes": self.baseline,
+                "weights_bytes": self.weights, "activations_bytes": self.activations, "video_buffers_bytes": self.io,
+                "tile_px": list(self.tile_px), "chunk_frames": self.chunk_frames}
+
     def describe(self) -> str:
         gib = 1 << 30
         return (f"{self.total / gib:.2f} GiB ({self.direction}: activations {self.activations / gib:.2f} GiB for a "

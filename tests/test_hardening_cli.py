@@ -355,7 +355,7 @@ def test_no_tracebacks(results):
     settings = PlanSettings.from_config(TINY)
     estimate = plan_memory(make_plan(settings, 5, 16000, 16000), TINY, direction="encode").total
     if estimate > (available_memory() or 0):
-        refused(res, "size_16000", 1, "16000x16000 video needs about", "GiB", "even with 64 px tiles", "budget")
+        refused(res, "size_16000", 1, "16000x16000 video needs about", "GiB", "with its smallest plan (64 px tiles", "budget")
     refused(res, "size_100000", 1, "frames of 100000x100000 are beyond what FFmpeg can scale")
     refused(res, "height_abc", 1, "metadata height='abc' is not a positive integer")
     refused(res, "onnx_swapped", 1, "E_swapped/encoder.onnx")  # the first graph loaded
