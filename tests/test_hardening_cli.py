@@ -351,11 +351,14 @@ def test_no_tracebacks(results):
     refused(res, "full_disk_safetensors", 1, "could not write", "full.safetensors", "file-size limit")
     refused(res, "full_disk_npy", 1, "could not write", "full.npy", "file-size limit")
     # the memory budget (--max-memory, default 90 % of what is available) refuses first, with its estimate
-    refused(res, "size_16000_untiled", 1, "16000x16000 video needs about", "GiB", "budget", "smaller size")
+    refused(res, "size_16000_untiled", 1, "a 5x16000x16000 video (planned per chunk of 17 frames) needs about",
+            "GiB", "(no tiling, 4-frame chunks; tiling as asked)", "budget",
+            "let the budget choose the tiling (leave out --tile-size/--no-tiling", "smaller size")
     settings = PlanSettings.from_config(TINY)
     estimate = plan_memory(make_plan(settings, 5, 16000, 16000), TINY, direction="encode").total
     if estimate > (available_memory() or 0):
-        refused(res, "size_16000", 1, "16000x16000 video needs about", "GiB", "with its smallest plan (64 px tiles", "budget")
+        refused(res, "size_16000", 1, "a 5x16000x16000 video (planned per chunk of 17 frames) needs about", "GiB",
+                "with its smallest plan (64 px tiles, 4-frame chunks)", "budget")
     refused(res, "size_100000", 1, "frames of 100000x100000 are beyond what FFmpeg can scale")
     refused(res, "height_abc", 1, "metadata height='abc' is not a positive integer")
     refused(res, "onnx_swapped", 1, "E_swapped/encoder.onnx")  # the first graph loaded
