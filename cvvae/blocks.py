@@ -137,7 +137,7 @@ class ResnetBlock3D(nn.Module):
         shortcut = getattr(self, self.shortcut_name, None)
         if shortcut is not None:
             x = shortcut(x)
-        return h.add_(x) if inplace else x + h
+        return h.add_(x) if inplace and h.dtype == x.dtype else x + h  # (autocast may mix dtypes: promote then)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
