@@ -55,7 +55,7 @@ def main() -> None:
     print(f"{'clip':<18} {'precision':<9} {'PSNR vs input':>13} {'vs fp32 dB':>10} {'max levels':>10} {'s':>6}")
     for name, path, kw in [c for c in clips() if args.clips is None or c[0] in args.clips]:
         frames, _ = read_video(path, **kw)
-        x = to_pixels(frames)
+        x = torch.from_numpy(to_pixels(frames))  # torch in, torch out (numpy in gives numpy out)
         ref = None
         for precision, vae in vaes.items():
             t0 = time.perf_counter()
