@@ -455,10 +455,11 @@ def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: 
         c = max(settings.time_compress, (c // 2) // settings.time_compress * settings.time_compress)
         chunks.append(c)
     for n, chunk in enumerate(chunks):
-        candidates = [settings.tile_size] if fixed_tiles else tiles if n == 0 else [largest, *tiles]
+        if fixed_tiles:  # only the chunk shrinks; n == 0 is the configured plan, estimated above
+            candidates = [] if n == 0 else [settings.tile_size]
+        else:
+            candidates = tiles if n == 0 else [largest, *tiles]
         for tile in candidates:
-            if n == 0 and fixed_tiles:
-                continue  # the configured plan itself, already estimated above
             candidate = PlanSettings(chunk, tile, settings.tile_overlap_ratio, settings.time_compress, s)
             est = worst(candidate)
             if est.total <= budget:
