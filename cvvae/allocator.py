@@ -7,8 +7,10 @@ again: the README job spent 32 s of system time in 15.6 M minor faults against 6
 
 :func:`keep_memory` raises glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt``) so such buffers come
 from the heap and are reused by the next op, and sets ``M_ARENA_MAX`` to 1 so that every thread allocates from that
-one heap (threads' own arenas otherwise keep freed buffers the main thread cannot reuse: measured on the README job,
-peak RSS 5.65 GiB with per-thread arenas, 4.77 GiB with one, same system time); :func:`release_memory` (``malloc_trim(0)``) hands the free heap back at
+one heap (threads' own arenas otherwise keep freed buffers the main thread cannot reuse). On the README job the first
+measurement favoured one arena (peak RSS 4.77 vs 5.65 GiB), but single runs spread by ~3 GiB of peak whatever the
+limit (docs/benchmarks.md, "Main job again"): the setting is not proven either way; :func:`release_memory`
+(``malloc_trim(0)``) hands the free heap back at
 the end of a job. Both are no-ops where the C library is not glibc (musl, macOS, Windows) or where another allocator
 (tcmalloc, jemalloc via ``LD_PRELOAD``) replaces malloc: those keep freed memory themselves.
 
@@ -91,7 +93,7 @@ def keep_memory(threshold: int = KEEP_THRESHOLD) -> AllocatorState:
         value = ctypes.c_int(min(threshold, KEEP_THRESHOLD))
         ok = bool(libc.mallopt(M_MMAP_THRESHOLD, value)) and bool(libc.mallopt(M_TRIM_THRESHOLD, value))
         # one arena for every thread unless the user set MALLOC_ARENA_MAX: freed buffers of one thread are then
-        # reusable by the others instead of sitting in per-thread heaps (README job: peak RSS 5.65 -> 4.77 GiB)
+        # reusable by the others instead of sitting in per-thread heaps (see the module docstring for the figures)
         one_arena = ok and "MALLOC_ARENA_MAX" not in os.environ and bool(libc.mallopt(M_ARENA_MAX, ctypes.c_int(1)))
         _STATE = AllocatorState("glibc", ok, (f"mmap/trim thresholds {value.value >> 20} MiB"
                                               + (", one arena" if one_arena else "")) if ok
