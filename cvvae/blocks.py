@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvvae import slicing
+from cvvae.slicing import SlicedConv, TimeWindow
+
 PadMode = Literal["zeros", "replicate"]
 
 
@@ -108,6 +111,32 @@ def conv3d(in_channels: int, out_channels: int, kernel_size: int, *, causal: boo
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, padding_mode=pad_mode)
 
 
+def sliced_conv(conv: nn.Module) -> SlicedConv | None:
+    """``conv`` as a time window and a run on frames already padded in time (:mod:`cvvae.slicing`); ``None`` for a
+    conv it does not describe (then the layer runs whole)."""
+    if isinstance(conv, Conv2dWithExtraDim):
+        return SlicedConv(TimeWindow(), conv)
+    if not isinstance(conv, nn.Conv3d) or conv.groups != 1 or conv.dilation != (1, 1, 1):
+        return None
+    kernel, stride = conv.kernel_size[0], conv.stride[0]
+    w, b, st = conv.weight, conv.bias, conv.stride
+    if isinstance(conv, CausalConv3d):
+        p, mode = conv.custom_padding, conv.spatial_pad_mode
+        window = TimeWindow(kernel, stride, 2 * p, 0, replicate=True)
+        if mode == "zeros":  # the conv pads space itself: no padded copy of the slice
+            return SlicedConv(window, lambda xs: F.conv3d(xs, w, b, st, (0, p, p)))
+        return SlicedConv(window, lambda xs: F.conv3d(pad_space(xs, p, p, p, p, mode), w, b, st))
+    if not isinstance(conv.padding, tuple):
+        return None
+    pt, ph, pw = conv.padding
+    window = TimeWindow(kernel, stride, pt, pt, replicate=conv.padding_mode == "replicate")
+    if conv.padding_mode == "zeros":
+        return SlicedConv(window, lambda xs: F.conv3d(xs, w, b, st, (0, ph, pw)))
+    if conv.padding_mode == "replicate":
+        return SlicedConv(window, lambda xs: F.conv3d(pad_space(xs, pw, pw, ph, ph, "replicate"), w, b, st))
+    return None
+
+
 class ResnetBlock3D(nn.Module):
     """Half-3D residual block (spec 2.5): conv1 is 3D, conv2 is per-frame 2D; GroupNorm spans time.
 
@@ -132,12 +161,37 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = inference_inplace()
+        if inplace:
+            conv1 = sliced_conv(self.conv1)
+            slices = None if conv1 is None else slicing.output_slices(x, conv1.window, self.conv1.out_channels)
+            if slices is not None:
+                return self._forward_sliced(x, conv1, slices)
         h = self.conv1(silu(self.norm1(x), inplace))
         h = self.conv2(silu(self.norm2(h), inplace))
         shortcut = getattr(self, self.shortcut_name, None)
         if shortcut is not None:
             x = shortcut(x)
         return h.add_(x) if inplace and h.dtype == x.dtype else x + h  # (autocast may mix dtypes: promote then)
+
+    def _forward_sliced(self, x: torch.Tensor, conv1: SlicedConv, slices: slicing.Slices) -> torch.Tensor:
+        """The same block a few frames at a time (:mod:`cvvae.slicing`): conv1 with its temporal halo, then conv2
+        and the residual sum frame by frame, written over the conv1 output they no longer need."""
+        moments = slicing.Moments(self.norm2.num_groups)
+        norm1 = slicing.GroupNormSiLU(self.norm1, slicing.Moments.of(x, self.norm1.num_groups))
+        h = slicing.map_frames(x, conv1, slices, norm1, moments)
+        norm2 = slicing.GroupNormSiLU(self.norm2, moments)
+        shortcut = getattr(self, self.shortcut_name, None)
+        out = None
+        for t0, t1 in slices:
+            y = self.conv2(norm2(h[:, :, t0:t1]))
+            skip = x[:, :, t0:t1]
+            skip = skip if shortcut is None else shortcut(skip)
+            y = y.add_(skip) if y.dtype == skip.dtype else y + skip
+            if out is None:
+                out = h if y.dtype == h.dtype else y.new_empty((*y.shape[:2], h.shape[2], *y.shape[3:]))
+            out[:, :, t0:t1] = y
+            del y
+        return out
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -228,7 +282,20 @@ class Downsample3D(nn.Module):
         else:
             self.conv = CausalConv3d(channels, channels, 3, stride=stride, padding=1, spatial_pad_mode="replicate")
 
+    def sliced(self) -> SlicedConv | None:
+        """The layer as a time window (v1 pads frame 0 twice in front, space right/bottom by zeros)."""
+        if self.variant != "v1":
+            return sliced_conv(self.conv)
+        w, b, st = self.conv.weight, self.conv.bias, self.conv.stride
+        return SlicedConv(TimeWindow(3, st[0], 2, 0, replicate=True),
+                          lambda xs: F.conv3d(pad_space(xs, 0, 1, 0, 1, "zeros"), w, b, st))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_inplace():
+            conv = self.sliced()
+            slices = None if conv is None else slicing.output_slices(x, conv.window)
+            if slices is not None:
+                return slicing.map_frames(x, conv, slices)
         if self.variant == "v1":
             x = repeat_edge_frames(pad_space(x, 0, 1, 0, 1, "zeros"), front=2)
         return self.conv(x)
@@ -253,28 +320,63 @@ class Upsample3D(nn.Module):
         else:
             self.conv = nn.Conv3d(channels, out, 3, padding=1, padding_mode="replicate")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        if self.variant == "v1":
-            x = repeat_edge_frames(pad_space(x, 1, 1, 1, 1, "zeros"), front=1, back=1)
-        y = self.conv(x)
+    def sliced(self) -> SlicedConv | None:
+        """The conv as a time window (v1 repeats the edge frames once and pads space by zeros)."""
+        if self.variant != "v1":
+            return sliced_conv(self.conv)
+        w, b = self.conv.weight, self.conv.bias
+        return SlicedConv(TimeWindow(3, 1, 1, 1, replicate=True),
+                          lambda xs: F.conv3d(pad_space(xs, 1, 1, 1, 1, "zeros"), w, b))
+
+    def _interleave(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, n*C, t, H, W) -> (B, C, n*t, H, W): the n halves of frame t become frames n*t .. n*t+n-1."""
         if self.factor == 1:
             return y
         b, _, t, h, w = y.shape
-        y = y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
-        return y[:, :, 1:]
+        return y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_inplace():
+            conv = self.sliced()
+            slices = None
+            if conv is not None:
+                per_frame = 4 * x[0, 0, 0].numel() * x.element_size() * x.shape[0] * self.conv.out_channels
+                slices = slicing.frame_slices(x.shape[2], per_frame * x.shape[2])
+            if slices is not None:
+                return self._forward_sliced(x, conv, slices)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        if self.variant == "v1":
+            x = repeat_edge_frames(pad_space(x, 1, 1, 1, 1, "zeros"), front=1, back=1)
+        return self._interleave(self.conv(x))[:, :, self.factor - 1:]
+
+    def _forward_sliced(self, x: torch.Tensor, conv: SlicedConv, slices: slicing.Slices) -> torch.Tensor:
+        """Upsample a few input frames at a time (with the conv's one-frame halo); with n = 2 the first output frame
+        is dropped as in :meth:`forward`."""
+        n, out = self.factor, None
+        for t0, t1 in slices:
+            xs = slicing.gather(x, conv.window, t0, t1,
+                                lambda f: F.interpolate(f, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+            y = self._interleave(conv.run(xs))
+            del xs
+            if out is None:
+                out = y.new_empty((*y.shape[:2], n * x.shape[2] - (n - 1), *y.shape[3:]))
+            skip = (n - 1) if t0 == 0 else 0  # frames before the first output frame
+            start = n * t0 - (n - 1) + skip
+            out[:, :, start:start + y.shape[2] - skip] = y[:, :, skip:]
+            del y
+        return out
 
 
 # ----- forward order of the ldm encoder/decoder tree (spec 3 and 4), shared by v1 and the 2D image VAE ------------
 def ldm_encoder_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv_in, per level its resnets then ``downsample`` (if any), mid, norm_out, SiLU, conv_out."""
-    h = encoder.conv_in(x)
+    h = conv_frames(encoder.conv_in, x)
     for level in encoder.down:
         for block in level.block:
             h = block(h)
         if hasattr(level, "downsample"):
             h = level.downsample(h)
-    return encoder.conv_out(silu(encoder.norm_out(encoder.mid(h)), inference_inplace()))
+    return norm_silu_conv(encoder.norm_out, encoder.conv_out, encoder.mid(h))
 
 
 def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -285,4 +387,27 @@ def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
             h = block(h)
         if hasattr(level, "upsample"):
             h = level.upsample(h)
-    return decoder.conv_out(silu(decoder.norm_out(h), inference_inplace()))
+    return norm_silu_conv(decoder.norm_out, decoder.conv_out, h)
+
+
+def conv_frames(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, frame-sliced in pure inference when its output is large (the encoder's conv_in: 3 channels in,
+    a full-resolution activation out)."""
+    if inference_inplace():
+        sliced = sliced_conv(conv)
+        slices = None if sliced is None else slicing.output_slices(x, sliced.window, conv.out_channels)
+        if slices is not None:
+            return slicing.map_frames(x, sliced, slices)
+    return conv(x)
+
+
+def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(silu(norm(x)))``, frame-sliced in pure inference when ``x`` is large (:mod:`cvvae.slicing`)."""
+    inplace = inference_inplace()
+    if inplace:
+        sliced = sliced_conv(conv)
+        slices = None if sliced is None else slicing.output_slices(x, sliced.window)
+        if slices is not None:
+            moments = slicing.Moments.of(x, norm.num_groups)
+            return slicing.map_frames(x, sliced, slices, slicing.GroupNormSiLU(norm, moments))
+    return conv(silu(norm(x), inplace))

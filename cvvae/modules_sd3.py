@@ -9,10 +9,9 @@ per-frame 1x1 ``conv_shortcut``; attention is spatial only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Downsample3D, ResnetBlock3D, SpatialAttentionSD3, Upsample3D, conv3d
+from .blocks import Downsample3D, ResnetBlock3D, SpatialAttentionSD3, Upsample3D, conv3d, conv_frames, norm_silu_conv
 from .config import ModelConfig
 
 SD3_EPS = 1e-6
@@ -72,11 +71,11 @@ class EncoderSD3(nn.Module):
         self.conv_out = conv3d(cin, 2 * cfg.latent_channels, 3, causal=True, pad_mode="replicate")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = conv_frames(self.conv_in, x)
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, h)
 
 
 class DecoderSD3(nn.Module):
@@ -105,4 +104,4 @@ class DecoderSD3(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, h)
