@@ -3,9 +3,11 @@
 Job: ``cvvae reconstruct <clip> --max-frames 33 --resize-short-side 256 --side-by-side`` with the default model.
 Variants, run A B A B ... each in a fresh process:
 
-* ``before``: ``--precision fp32`` with the C allocator left alone (``CVVAE_ALLOCATOR=system``), i.e. what the CLI did
-  before issue 16;
-* ``now``: the defaults (``--precision auto``, allocator thresholds raised by cvvae.allocator, memory budget).
+* ``before``: ``--precision fp32`` with the C allocator left alone (``CVVAE_ALLOCATOR=system``) and every layer run
+  whole (``CVVAE_SLICE_BYTES=0``), i.e. what the CLI did before issue 16 (except the in-place SiLU/residual and
+  1xkxk per-frame convs of ``cvvae.blocks.inference_inplace``, which both variants run);
+* ``now``: the defaults (``--precision auto``, allocator thresholds raised by cvvae.allocator, frame-sliced
+  full-resolution layers (cvvae.slicing), memory budget).
 
 Per run: wall, user and system CPU time, minor page faults and peak RSS of the child (``os.wait4``) and the 1-minute
 load average. PSNR vs the input is measured once per variant, untimed, before the video codec: the job's latents
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO.parent / "shared" / "data" / "videos" / "4896510-hd_1280_720_30fps.mp4"
 SELECT = ["--max-frames", "33", "--resize-short-side", "256"]
 VARIANTS = {
-    "before": (["--precision", "fp32"], {"CVVAE_ALLOCATOR": "system"}),
+    "before": (["--precision", "fp32"], {"CVVAE_ALLOCATOR": "system", "CVVAE_SLICE_BYTES": "0"}),
     "now": ([], {}),
 }
 
