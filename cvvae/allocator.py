@@ -7,11 +7,11 @@ again: the README job spent 32 s of system time in 15.6 M minor faults against 6
 
 :func:`keep_memory` raises glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt``) so such buffers come
 from the heap and are reused by the next op, and sets ``M_ARENA_MAX`` to 1 so that every thread allocates from that
-one heap (threads' own arenas otherwise keep freed buffers the main thread cannot reuse). On the README job the first
-measurement favoured one arena (peak RSS 4.77 vs 5.65 GiB), but single runs spread by ~3 GiB of peak whatever the
-limit (docs/benchmarks.md, "Main job again"): the setting is not proven either way; :func:`release_memory`
-(``malloc_trim(0)``) hands the free heap back at
-the end of a job. Both are no-ops where the C library is not glibc (musl, macOS, Windows) or where another allocator
+one heap (threads' own arenas otherwise keep freed buffers the main thread cannot reuse). With the frame-sliced
+layers (:mod:`cvvae.slicing`) the README job peaked at 1.92-3.00 GiB over 12 runs with one arena and 2.57-3.20 GiB
+over 3 with glibc's default 8, system time 2-3 % of user time either way (docs/benchmarks.md, "Main job,
+frame-sliced layers"): one arena stays, with no strong evidence for it. :func:`release_memory` (``malloc_trim(0)``)
+hands the free heap back at the end of a job; trimming after every chunk did not lower the peak. Both are no-ops where the C library is not glibc (musl, macOS, Windows) or where another allocator
 (tcmalloc, jemalloc via ``LD_PRELOAD``) replaces malloc: those keep freed memory themselves.
 
 Measured here (glibc 2.36): ``mallopt(M_MMAP_THRESHOLD, v)`` accepts any ``int`` v (up to 2 GiB - 1) and setting it
