@@ -7,6 +7,10 @@ are constructor arguments, not subclasses.
 Exportability: every forward is tensor-in, tensor-out with no shape-dependent Python branching except on static
 module settings; temporal replicate padding is written as a concatenation of the edge frame, which exports to
 Slice + Concat and needs no dynamic Pad in ONNX/TensorRT.
+
+Pure inference (:func:`inference_inplace`) may take other paths with the same numbers: in-place SiLU and residual
+sums, per-frame convs as 1xkxk 3D convs, and large full-resolution layers run a few frames at a time
+(:mod:`cvvae.slicing`). Training, tracing and export always run the forms written here.
 """
 
 from __future__ import annotations
