@@ -17,6 +17,16 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _whole_and_sliced(run, limit: int = 1):
+    """``run()`` with slicing off, then with ``limit`` bytes per slice (1: one frame per slice everywhere)."""
+    with torch.no_grad():
+        with slicing.slice_bytes(None):
+            whole = run()
+        with slicing.slice_bytes(limit):
+            parts = run()
+    return whole, parts
+
+
 def test_frame_slices_cover_every_frame_once():
     assert slicing.frame_slices(17, 100) is None  # below the limit: runs whole
     with slicing.slice_bytes(30):
@@ -67,11 +77,7 @@ def test_sliced_downsample_equals_whole(variant, down_time, frames):
     torch.manual_seed(1)
     layer = blocks.Downsample3D(8, down_time=down_time, variant=variant).eval()
     x = _rand(1, 8, frames, 12, 10)
-    with torch.no_grad():
-        with slicing.slice_bytes(None):
-            whole = layer(x)
-        with slicing.slice_bytes(1):
-            parts = layer(x)
+    whole, parts = _whole_and_sliced(lambda: layer(x))
     assert parts.shape == whole.shape
     assert (parts - whole).abs().max() < TOL
 
@@ -83,11 +89,7 @@ def test_sliced_upsample_equals_whole(variant, up_time, frames):
     torch.manual_seed(2)
     layer = blocks.Upsample3D(8, up_time=up_time, variant=variant).eval()
     x = _rand(1, 8, frames, 5, 6)
-    with torch.no_grad():
-        with slicing.slice_bytes(None):
-            whole = layer(x)
-        with slicing.slice_bytes(1):
-            parts = layer(x)
+    whole, parts = _whole_and_sliced(lambda: layer(x))
     assert parts.shape == whole.shape == (1, 8, 2 * frames - 1 if up_time else frames, 10, 12)
     assert (parts - whole).abs().max() < TOL
 
@@ -99,13 +101,8 @@ def test_sliced_model_equals_whole_model(preset, limit, batch):
     model = create_model(preset, seed=0).eval()
     x = torch.rand(batch, 3, 9, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
     z = model.config.latent_channels
-    with torch.no_grad():
-        with slicing.slice_bytes(None):
-            moments = model.encoder(x)
-            pixels = model.decoder(moments[:, :z])
-        with slicing.slice_bytes(limit):
-            sliced_moments = model.encoder(x)
-            sliced_pixels = model.decoder(moments[:, :z])
+    moments, sliced_moments = _whole_and_sliced(lambda: model.encoder(x), limit)
+    pixels, sliced_pixels = _whole_and_sliced(lambda: model.decoder(moments[:, :z]), limit)
     assert sliced_moments.shape == moments.shape and sliced_pixels.shape == pixels.shape == (batch, 3, 9, 32, 48)
     assert (sliced_moments - moments).abs().max() < 1e-4  # the golden tolerance
     assert (sliced_pixels - pixels).abs().max() < 1e-4
@@ -117,10 +114,7 @@ def test_bf16_model_sliced_keeps_its_dtype_and_is_as_close_to_fp32_as_whole():
     z = _rand(1, 4, 2, 2, 2)  # small: bf16 is emulated (slow) on CPUs without AVX512-BF16
     with torch.no_grad():
         fp32 = reference.decoder(z)
-        with slicing.slice_bytes(None):
-            whole = model.decoder(z.bfloat16())
-        with slicing.slice_bytes(1):
-            parts = model.decoder(z.bfloat16())
+    whole, parts = _whole_and_sliced(lambda: model.decoder(z.bfloat16()))
     assert parts.dtype == torch.bfloat16 and parts.shape == whole.shape == (1, 3, 5, 16, 16)
     # bf16 rounds differently per slice (its statistics are gathered in float64 here), not worse
     whole_err, parts_err = (whole.float() - fp32).abs(), (parts.float() - fp32).abs()
