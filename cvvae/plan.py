@@ -139,6 +139,11 @@ class TimeChunks(Sequence[Chunk]):
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def longest(self) -> int:
+        """Length of the longest chunk (the first one), in O(1) whatever the count."""
+        return self[0].length
+
     @overload
     def __getitem__(self, index: int) -> Chunk: ...
 
@@ -411,9 +416,9 @@ def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_
     s = plan.settings.spatial_compress
     tile_h, tile_w = max(plan.rows.sizes) * s, max(plan.cols.sizes) * s
     if direction == "encode":
-        frames = max(c.length for c in plan.encode_chunks)
+        frames = plan.encode_chunks.longest
     else:
-        frames = plan.settings.num_output_frames(max(c.length for c in plan.decode_chunks))
+        frames = plan.settings.num_output_frames(plan.decode_chunks.longest)
     tiles = plan.num_tiles if batch_tiles else 1
     act = activation_elements(cfg, direction, frames, tile_h, tile_w) * dtype_bytes * batch * tiles
     pixels_chunk = 3 * frames * plan.padded_height * plan.padded_width * 4 * batch

@@ -29,15 +29,8 @@ H100 = EngineEnvironment(tensorrt_version="10.8.0.43", cuda_version="12.8", gpu_
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    from cvvae.export.precision import Precision
-    from cvvae.export.to_onnx import ExportConfig, export_model
-    from cvvae.loading import create_model
-
-    out = tmp_path_factory.mktemp("engines") / "export"
-    export_model(create_model("tiny-v1", seed=0), out,
-                 ExportConfig(precisions=(Precision.FP32, Precision.FP16), verify=False))
-    return out
+def export_dir(shared_exports) -> Path:
+    return shared_exports.get("tiny-v1", ("fp32", "fp16"))
 
 
 @pytest.fixture(scope="module")

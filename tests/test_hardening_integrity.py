@@ -68,15 +68,9 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    """An export of random:tiny-v1 with fp32 and fp16 graphs (made once; tests copy it)."""
-    from cvvae.export.to_onnx import ExportConfig, export_model
-    from cvvae.loading import create_model
-
-    out = tmp_path_factory.mktemp("export") / "E"
-    export_model(create_model("tiny-v1", seed=0), out,
-                 ExportConfig(precisions=("fp32", "fp16"), verify=False))
-    return out
+def export_dir(shared_exports) -> Path:
+    """An export of random:tiny-v1 with fp32 and fp16 graphs (shared; tests copy it)."""
+    return shared_exports.get("tiny-v1", ("fp32", "fp16"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import VIDEOS, max_abs
 from cvvae.cli import main
-from cvvae.export.to_onnx import ExportConfig, export_model
+from cvvae.export.to_onnx import ExportConfig
 from cvvae.loading import load_model
 from cvvae.runtime import VideoVAE
 from cvvae.video_io import read_video
@@ -18,10 +18,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(golden_v1, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "v1"
-    export_model(load_model(golden_v1 / "checkpoint"), out, ExportConfig(precisions=("fp32",), verify=False))
-    return out
+def exported(shared_exports):
+    return shared_exports.get("golden-v1")
 
 
 @pytest.fixture(scope="module")

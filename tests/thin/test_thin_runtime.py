@@ -30,19 +30,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
-def golden_export(golden_v1, tmp_path_factory) -> Path:
+def golden_export(golden_v1, shared_exports) -> Path:
     """An ONNX export of the golden v1 checkpoint: $CVVAE_GOLDEN_EXPORT (made by .ci/run), else made here."""
     given = os.environ.get("CVVAE_GOLDEN_EXPORT")
     if given:
         return Path(given)
     if not is_installed("torch"):
         pytest.skip("set CVVAE_GOLDEN_EXPORT to `cvvae export` of the golden v1 checkpoint (.ci/run does)")
-    from cvvae.export.to_onnx import ExportConfig, export_model
-    from cvvae.loading import load_model
-
-    out = tmp_path_factory.mktemp("golden") / "export"
-    export_model(load_model(golden_v1 / "checkpoint"), out, ExportConfig(precisions=("fp32",), verify=False))
-    return out
+    return shared_exports.get("golden-v1")
 
 
 @pytest.fixture(scope="module")
