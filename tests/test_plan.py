@@ -77,6 +77,8 @@ def test_frame_padding_rule(frames):
     chunks = plan.encode_chunks
     assert chunks[0].start == 0 and chunks[-1].stop == plan.padded_frames
     assert all(b.start == a.stop - 1 for a, b in zip(chunks, chunks[1:]))
+    for chunks in (plan.encode_chunks, plan.decode_chunks):  # the O(1) longest chunk the memory estimate uses
+        assert chunks.longest == max(c.length for c in chunks)
 
 
 def test_size_padding():
