@@ -16,12 +16,14 @@ the input size for any setting; for settings where the official rounding is cons
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, overload
 
 from .config import Compression, ModelConfig
-from .errors import PlanError
+from .errors import ConfigError, PlanError
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,50 @@ def make_latent_plan(settings: PlanSettings, latent_frames: int, latent_height: 
     return plan
 
 
+# ----- frame slices: how pure torch inference runs a large layer (cvvae.slicing; issue 16) ------------------------
+# Part of the plan because the memory estimate depends on it: a sliced layer holds its input and output plus a few
+# slices, not the four to six whole tensors of the layer run whole.
+
+SLICE_BYTES = 64 << 20  # a slice of one activation stays below this (default model, 17x256x456: 3 frames of 17)
+SLICE_BYTES_ENV = "CVVAE_SLICE_BYTES"  # overrides SLICE_BYTES for a process; 0 runs every layer whole
+
+Slices = list[tuple[int, int]]
+_slice_limit: list[int | None] = [None]  # None: not read from the environment yet
+
+
+def slice_limit() -> int:
+    """Bytes per slice for this process (:data:`SLICE_BYTES`, or ``$CVVAE_SLICE_BYTES``); 0: slicing is off."""
+    if _slice_limit[0] is None:
+        value = os.environ.get(SLICE_BYTES_ENV, "").strip()
+        try:
+            _slice_limit[0] = max(0, int(value)) if value else SLICE_BYTES
+        except ValueError:
+            raise ConfigError(f"{SLICE_BYTES_ENV}={value!r} is not a byte count; expected an integer such as "
+                              f"{SLICE_BYTES} (0 turns frame slicing off)") from None
+    return _slice_limit[0]
+
+
+@contextmanager
+def slice_bytes(limit: int | None) -> Iterator[None]:
+    """Use ``limit`` bytes per slice inside the block (tests force tiny slices); ``None`` turns slicing off."""
+    saved = _slice_limit[0]
+    _slice_limit[0] = limit if limit is not None else 0
+    try:
+        yield
+    finally:
+        _slice_limit[0] = saved
+
+
+def frame_slices(frames: int, tensor_bytes: int) -> Slices | None:
+    """Ranges of output frames, each of them about :func:`slice_limit` bytes of a ``tensor_bytes`` tensor with
+    ``frames`` frames; ``None`` when the tensor is small enough (or has one frame) and runs whole."""
+    limit = slice_limit()
+    if limit <= 0 or frames <= 1 or tensor_bytes <= limit:
+        return None
+    step = max(1, math.ceil(frames * limit / tensor_bytes))
+    return [(j, min(j + step, frames)) for j in range(0, frames, step)]
+
+
 # ----- memory: one estimate of a plan's peak, and the plan that fits a budget (spec 6.2-6.5) --------------------
 #
 # Peak memory of a chunk/tile is dominated by the activations of the largest resolution level: a resnet holds its
@@ -298,8 +344,14 @@ def make_latent_plan(settings: PlanSettings, latent_frames: int, latent_height: 
 # benchmarks/memory_calibration.py (docs/benchmarks.md, "Memory estimate"): measured/counted was 1.17-1.42 for the
 # default, tiny and full-size encoders and decoders, except the full-size decoder at a small tile (2.51: 1078 MB
 # above 714 MB counted, i.e. 1.45 x counted + 1.74 x its 434 MB of weights). The estimate is on the high side.
+# The torch reference runs large layers frame-sliced in inference (cvvae.slicing): counted with their input, output
+# and SLICE_TEMPORARIES slices, measured/counted was 1.22-1.59 over the same cases in a fresh process; a whole job
+# (encode and decode, chunk after chunk, in the one heap the allocator keeps) fragments that heap, and the README
+# job peaked at up to 3.00 GiB over 12 runs, which needs 2.0 x counted (SLICED_ACTIVATION_CALIBRATION). The sliced
+# estimate is used only where it is below the whole-layer one.
 
 ACTIVATION_CALIBRATION = 1.45  # measured peak activation bytes / counted bytes, largest ratio measured
+SLICED_ACTIVATION_CALIBRATION = 2.0  # the same for frame-sliced layers (torch inference), whole jobs included
 WORKSPACE_PER_WEIGHT_BYTE = 1.9  # convolution workspace per byte of the running component's weights
 RUNTIME_BASELINE_BYTES = 450 << 20  # interpreter, torch, codecs and the video I/O buffers of a job, measured RSS
 MIN_TILE_PX = 64               # the smallest tile the fitting will choose; below it the overlap is < 2 latent cells
@@ -345,39 +397,71 @@ def _resnet_elems(cin: int, cout: int, t: int, pixels: int, causal: bool) -> int
     return max(conv1, conv2)
 
 
-def activation_elements(cfg: ModelConfig, direction: str, frames: int, height: int, width: int) -> int:
+SLICE_TEMPORARIES = 4  # slice-sized buffers alive in a sliced layer: the normalised input frames with their halo,
+                       # the space-padded copy, the conv output and the convolution library's reordered input
+
+
+def _layer(whole: int, held: int, biggest: int, frames: int, slice_elements: int | None) -> int:
+    """Live elements of one layer: ``whole`` when it runs whole; when frame-sliced (:func:`frame_slices`: its larger
+    tensor of ``biggest`` elements over ``frames`` frames exceeds a slice), the ``held`` whole tensors (input and
+    output) plus :data:`SLICE_TEMPORARIES` slices."""
+    if slice_elements is None or frames <= 1 or biggest <= slice_elements:
+        return whole
+    step = math.ceil(frames * slice_elements / biggest)
+    return held + SLICE_TEMPORARIES * step * math.ceil(biggest / frames)
+
+
+def activation_elements(cfg: ModelConfig, direction: str, frames: int, height: int, width: int, *,
+                        slice_elements: int | None = None) -> int:
     """Peak live activation elements of one tile: ``frames`` x ``height`` x ``width`` pixels (decode: the frames
-    it outputs; height/width in pixels, multiples of the spatial compression)."""
+    it outputs; height/width in pixels, multiples of the spatial compression).
+
+    ``slice_elements``: the layers run frame-sliced with slices of that many elements (pure torch inference,
+    :mod:`cvvae.slicing`); ``None``: every layer runs whole (ONNX Runtime, TensorRT, training).
+    """
     if direction not in ("encode", "decode"):
         raise PlanError(f"direction must be 'encode' or 'decode', not {direction!r}")
     widths, n = cfg.widths, cfg.num_levels
     s = cfg.spatial_compress
+
+    def resnet(cin: int, cout: int, t: int, pixels: int, causal: bool) -> int:
+        return _layer(_resnet_elems(cin, cout, t, pixels, causal), (cin + cout) * t * pixels,
+                      max(cin, cout) * t * pixels, t, slice_elements)
+
     if direction == "encode":
         sizes = cfg.encoder_level_sizes(frames, height, width)
-        peak = cfg.in_channels * frames * height * width * 3 + widths[0] * frames * height * width
+        pixels, c_in, c0 = frames * height * width, cfg.in_channels, widths[0]
+        peak = _layer(c_in * pixels * 3 + c0 * pixels, (c_in + c0) * pixels, c0 * pixels, frames, slice_elements)
         cin = widths[0]
         for i, cout in enumerate(widths):
             t, h, w = sizes[i]
             for _ in range(cfg.layers_per_block):
-                peak = max(peak, _resnet_elems(cin, cout, t, h * w, causal=True))
+                peak = max(peak, resnet(cin, cout, t, h * w, causal=True))
                 cin = cout
             if i != n - 1:  # padded copy (T+2 frames) and the strided output
                 t_out, h_out, w_out = sizes[i + 1]
-                peak = max(peak, cout * t * h * w + cout * (t + 2) * h * w + cout * t_out * h_out * w_out)
+                out = cout * t_out * h_out * w_out
+                peak = max(peak, _layer(cout * t * h * w + cout * (t + 2) * h * w + out, cout * t * h * w + out,
+                                        cout * t * h * w, t, slice_elements))
         return peak
     sizes = cfg.decoder_level_sizes(cfg.num_latent_frames(frames), height // s, width // s)
     cin = widths[-1]
-    peak = _resnet_elems(cin, cin, sizes[0][0], sizes[0][1] * sizes[0][2], causal=False)
+    peak = resnet(cin, cin, sizes[0][0], sizes[0][1] * sizes[0][2], causal=False)
     for k, i in enumerate(reversed(range(n))):
         t, h, w = sizes[k]
         for _ in range(cfg.layers_per_block + 1):
-            peak = max(peak, _resnet_elems(cin, widths[i], t, h * w, causal=False))
+            peak = max(peak, resnet(cin, widths[i], t, h * w, causal=False))
             cin = widths[i]
         if i != 0:  # input, nearest x2 copy padded, conv output (x2 channels if up_time) and its permuted copy
             factor = 2 if i - 1 in cfg.time_down_levels else 1
             up = sizes[k + 1][1] * sizes[k + 1][2]
-            peak = max(peak, cin * t * h * w + cin * (t + 2) * up + 2 * factor * cin * t * up)
-    return peak
+            peak = max(peak, _layer(cin * t * h * w + cin * (t + 2) * up + 2 * factor * cin * t * up,
+                                    cin * t * h * w + factor * cin * t * up, factor * cin * t * up, t,
+                                    slice_elements))
+    t, h, w = sizes[-1]  # norm_out -> SiLU -> conv_out at full resolution: input, its normalised copy, the pixels
+    pixels = t * h * w
+    return max(peak, _layer(2 * cin * pixels + cfg.out_channels * pixels, (cin + cfg.out_channels) * pixels,
+                            cin * pixels, t, slice_elements))
 
 
 def weight_elements(cfg: ModelConfig, direction: str) -> int:
@@ -406,12 +490,14 @@ def weight_elements(cfg: ModelConfig, direction: str) -> int:
 
 
 def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_bytes: int = 4, batch: int = 1,
-                    batch_tiles: bool = False, whole_output: bool = False) -> MemoryEstimate:
+                    batch_tiles: bool = False, whole_output: bool = False, sliced: bool = False) -> MemoryEstimate:
     """The one estimate of a job's peak memory: runtime + weights + the largest tile's activations + video buffers.
 
     ``whole_output`` counts the job's full output held in memory (``VideoVAE.decode``/``encode`` of a whole tensor);
     streaming jobs (the CLI writing a video) hold one chunk. Activations are counted at ``dtype_bytes`` per element
-    (fp32 4, bf16/fp16 2); the video buffers are float32.
+    (fp32 4, bf16/fp16 2); the video buffers are float32. ``sliced``: the backend runs large layers a few frames at
+    a time (the torch backend in inference, :mod:`cvvae.slicing`, unless ``$CVVAE_SLICE_BYTES`` is 0), so they
+    hold their input and output plus a few slices; exported graphs run every layer whole.
     """
     s = plan.settings.spatial_compress
     tile_h, tile_w = max(plan.rows.sizes) * s, max(plan.cols.sizes) * s
@@ -420,15 +506,19 @@ def estimate_memory(cfg: ModelConfig, plan: VideoPlan, direction: str, *, dtype_
     else:
         frames = plan.settings.num_output_frames(plan.decode_chunks.longest)
     tiles = plan.num_tiles if batch_tiles else 1
-    act = activation_elements(cfg, direction, frames, tile_h, tile_w) * dtype_bytes * batch * tiles
+    scale = dtype_bytes * batch * tiles
+    act = activation_elements(cfg, direction, frames, tile_h, tile_w) * scale * ACTIVATION_CALIBRATION
+    if sliced and slice_limit() > 0:  # a slice is a byte count of the whole (batched) tensor
+        elements = activation_elements(cfg, direction, frames, tile_h, tile_w, slice_elements=slice_limit() // scale)
+        act = min(act, elements * scale * SLICED_ACTIVATION_CALIBRATION)
     pixels_chunk = 3 * frames * plan.padded_height * plan.padded_width * 4 * batch
     latents = 2 * cfg.latent_channels * plan.latent_frames * plan.latent_height * plan.latent_width * 4 * batch
     video = 3 * plan.padded_frames * plan.padded_height * plan.padded_width * 4 * batch
     io = latents + 2 * pixels_chunk + (video if whole_output else 0)
     weights = (weight_elements(cfg, "encode") + weight_elements(cfg, "decode")) * dtype_bytes
     workspace = weight_elements(cfg, direction) * dtype_bytes * WORKSPACE_PER_WEIGHT_BYTE
-    return MemoryEstimate(direction, RUNTIME_BASELINE_BYTES, weights, int(act * ACTIVATION_CALIBRATION + workspace),
-                          io, (tile_h, tile_w), frames)
+    return MemoryEstimate(direction, RUNTIME_BASELINE_BYTES, weights, int(act + workspace), io, (tile_h, tile_w),
+                          frames)
 
 
 def fit_plan(cfg: ModelConfig, settings: PlanSettings, num_frames: int, height: int, width: int, budget: int,

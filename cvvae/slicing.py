@@ -9,64 +9,23 @@ time, each slice gathering the input frames its temporal kernel reaches (the hal
 the whole tensor would be padded. The result equals the unsliced layer up to float rounding.
 
 Only in pure inference (:func:`cvvae.blocks.inference_inplace`: no autograd, tracing or export, so the ONNX graphs
-and training are untouched) and only for tensors above :data:`SLICE_BYTES`; smaller ones run whole as before.
+and training are untouched) and only for tensors above :data:`cvvae.plan.SLICE_BYTES`; smaller ones run whole as before. Which frames form a
+slice is decided with the chunk/tile plan (:func:`cvvae.plan.frame_slices`), whose memory estimate counts it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvvae.errors import ConfigError
+from cvvae.plan import SLICE_BYTES, SLICE_BYTES_ENV, Slices, frame_slices, slice_bytes, slice_limit
 
-SLICE_BYTES = 64 << 20  # a slice of one activation stays below this (default model, 17x256x456: 3 frames of 17)
-ENV = "CVVAE_SLICE_BYTES"  # overrides SLICE_BYTES for a process; 0 runs every layer whole (as before issue 16)
-
-
-def _from_env() -> int:
-    value = os.environ.get(ENV, "").strip()
-    if not value:
-        return SLICE_BYTES
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise ConfigError(f"{ENV}={value!r} is not a byte count; expected an integer such as {SLICE_BYTES} "
-                          "(0 turns frame slicing off)") from None
-
-
-_limit: list[int | None] = [None]  # None: not read from the environment yet
-
-Slices = list[tuple[int, int]]
-
-
-@contextmanager
-def slice_bytes(limit: int | None) -> Iterator[None]:
-    """Use ``limit`` bytes per slice inside the block (tests force tiny slices); ``None`` turns slicing off."""
-    saved = _limit[0]
-    _limit[0] = limit if limit is not None else 0
-    try:
-        yield
-    finally:
-        _limit[0] = saved
-
-
-def frame_slices(frames: int, tensor_bytes: int) -> Slices | None:
-    """Ranges of output frames, each of them about :data:`SLICE_BYTES` of a ``tensor_bytes`` tensor with
-    ``frames`` frames; ``None`` when the tensor is small enough (or has one frame) and runs whole."""
-    if _limit[0] is None:
-        _limit[0] = _from_env()
-    limit = _limit[0]
-    if limit <= 0 or frames <= 1 or tensor_bytes <= limit:
-        return None
-    step = max(1, math.ceil(frames * limit / tensor_bytes))
-    return [(j, min(j + step, frames)) for j in range(0, frames, step)]
+__all__ = ["SLICE_BYTES", "SLICE_BYTES_ENV", "Slices", "frame_slices", "slice_bytes", "slice_limit", "TimeWindow",
+           "SlicedConv", "gather", "map_frames", "output_slices", "Moments", "GroupNormSiLU"]
 
 
 @dataclass(frozen=True)
