@@ -3,7 +3,9 @@
 Each case runs in a fresh process with the runtime's allocator settings (cvvae.allocator.keep_memory): load the
 model, run the component once on a tile of the given size (warm-up), reset the kernel's peak-RSS mark
 (/proc/self/clear_refs = 5) and run it again; the measured activation memory is VmHWM minus the RSS just before.
-The ratio measured / counted (elements x 4 bytes) over the cases is what ``ACTIVATION_CALIBRATION`` must cover.
+The ratio measured / counted (elements x 4 bytes) over the cases is what ``ACTIVATION_CALIBRATION`` must cover
+(``SLICED_ACTIVATION_CALIBRATION`` for the frame-sliced layers of the torch reference, the default; run with
+``CVVAE_SLICE_BYTES=0`` to calibrate whole layers, as ONNX Runtime and TensorRT run them).
 
     python benchmarks/memory_calibration.py --cases default:decode:17x256x256 random:cvvae-v1:decode:17x96x96
 """
@@ -37,7 +39,7 @@ def measure_once(model: str, direction: str, frames: int, height: int, width: in
     import torch
 
     from cvvae.loading import load_model
-    from cvvae.plan import activation_elements
+    from cvvae.plan import activation_elements, slice_limit
 
     torch.set_num_threads(threads)
     m = load_model(None if model == "default" else model)
@@ -56,11 +58,14 @@ def measure_once(model: str, direction: str, frames: int, height: int, width: in
         base = _status_kb("VmRSS")
         y = fn(x)
     peak = _status_kb("VmHWM")
-    counted = activation_elements(cfg, direction, frames, height, width) * 4
+    # the torch reference runs large layers frame-sliced unless CVVAE_SLICE_BYTES=0: count them the same way
+    sliced = slice_limit() > 0
+    counted = activation_elements(cfg, direction, frames, height, width,
+                                  slice_elements=slice_limit() // 4 if sliced else None) * 4
     measured = (peak - base) * 1024 - y.numel() * 4  # the output stays alive; the estimate counts it separately
     return {"model": model, "direction": direction, "shape": [frames, height, width], "base_mb": base / 1024,
             "peak_mb": peak / 1024, "measured_mb": measured / 2**20, "counted_mb": counted / 2**20,
-            "ratio": measured / counted}
+            "ratio": measured / counted, "sliced": sliced}
 
 
 def measure(case: str, threads: int) -> dict:

@@ -285,7 +285,9 @@ def info(model_path, preset, subfolder, device, dtype, trust_checkpoint, size, a
                                                 **plan_overrides(**plan_kw))
         plan = make_plan(settings, t, h, w)
         data["plan"] = plan.describe()
-        estimate = plan_memory(plan, cfg, batch_tiles=False, direction="both")
+        # a checkpoint runs on the torch backend where torch is installed, whose layers are frame-sliced
+        estimate = plan_memory(plan, cfg, batch_tiles=False, direction="both",
+                               sliced=is_installed("torch") and not _is_export_dir(model_path))
         available = available_memory()
         data["memory"] = {**estimate.as_dict(), "available_bytes": available}
     if as_json:

@@ -128,18 +128,18 @@ def check_model_fits(config: ModelConfig, *, bytes_per_param: int = BYTES_FP32) 
 
 
 def plan_memory(plan: VideoPlan, config: ModelConfig, *, batch: int = 1, batch_tiles: bool = False,
-                direction: str = "both") -> PlanEstimate:
+                direction: str = "both", sliced: bool = False) -> PlanEstimate:
     """Peak memory of encoding (``"encode"``), decoding (``"decode"``) or either (``"both"``, the larger), from the
-    one estimate (:func:`cvvae.plan.estimate_memory`)."""
+    one estimate (:func:`cvvae.plan.estimate_memory`; ``sliced`` for the torch backend's frame-sliced layers)."""
     directions = ("encode", "decode") if direction == "both" else (direction,)
-    return max((estimate_memory(config, plan, d, batch=batch, batch_tiles=batch_tiles) for d in directions),
-               key=lambda e: e.total)
+    return max((estimate_memory(config, plan, d, batch=batch, batch_tiles=batch_tiles, sliced=sliced)
+                for d in directions), key=lambda e: e.total)
 
 
 def check_plan_fits(plan: VideoPlan, config: ModelConfig, *, batch: int = 1, batch_tiles: bool = False,
-                    direction: str = "both") -> PlanEstimate:
+                    direction: str = "both", sliced: bool = False) -> PlanEstimate:
     """Refuse a plan whose working set exceeds the memory available now; returns the estimate."""
-    estimate = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction=direction)
+    estimate = plan_memory(plan, config, batch=batch, batch_tiles=batch_tiles, direction=direction, sliced=sliced)
     tiling = ("" if plan.settings.tile_size is None
               else f" in {plan.settings.tile_size} px tiles" + (" (batched)" if batch_tiles else ""))
     check_fits(estimate,

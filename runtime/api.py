@@ -189,6 +189,12 @@ class VideoVAE:
     def config(self) -> ModelConfig:
         return self.backend.config
 
+    @property
+    def sliced(self) -> bool:
+        """The backend runs large layers a few frames at a time (the torch reference, :mod:`cvvae.slicing`): the
+        memory estimate counts its layers so; exported graphs run them whole."""
+        return getattr(self.backend, "name", None) == "torch"
+
     def plan(self, num_frames: int, height: int, width: int,
              directions: tuple[str, ...] = ("encode", "decode")) -> VideoPlan:
         return make_plan(self.settings_for(num_frames, height, width, directions), num_frames, height, width)
@@ -211,7 +217,8 @@ class VideoVAE:
                     f"a {num_frames}x{height}x{width} video (planned per chunk of {frames} frames)")
             settings, note = fit_plan(self.config, self.settings, frames, height, width, self.max_memory, directions,
                                       fixed_tiles="tile_size" in self.fixed, fixed_chunks="chunk_frames" in self.fixed,
-                                      what=what, dtype_bytes=2 if half else 4, batch_tiles=self.batch_tiles)
+                                      what=what, dtype_bytes=2 if half else 4, batch_tiles=self.batch_tiles,
+                                      sliced=self.sliced)
             if note:
                 log.warning("%s", note)
             self._fitted[key] = settings
@@ -221,7 +228,7 @@ class VideoVAE:
                      direction: str = "both") -> None:
         """Refuse a video whose plan needs more memory than is available, before any frame is read or decoded."""
         check_plan_fits(self.plan(num_frames, height, width), self.config, batch=batch,
-                        batch_tiles=self.batch_tiles, direction=direction)
+                        batch_tiles=self.batch_tiles, direction=direction, sliced=self.sliced)
 
     # ----- encode ---------------------------------------------------------------------------------------------
     def encode(self, frames: Any, *, metadata: dict[str, Any] | None = None,
@@ -293,7 +300,8 @@ class VideoVAE:
         settings = self.settings_for(latents.num_frames, latents.height, latents.width, ("decode",))
         plan = make_latent_plan(settings, z.shape[2], z.shape[3], z.shape[4], num_frames=latents.num_frames,
                                 height=latents.height, width=latents.width)
-        check_plan_fits(plan, self.config, batch=z.shape[0], batch_tiles=self.batch_tiles, direction="decode")
+        check_plan_fits(plan, self.config, batch=z.shape[0], batch_tiles=self.batch_tiles, direction="decode",
+                        sliced=self.sliced)
         done = 0
         for pixels in tiling.iter_decode(self.backend.decoder, xp.astype(z, xp.float32, copy=False), plan,
                                          batch_tiles=self.batch_tiles):

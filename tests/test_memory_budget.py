@@ -33,6 +33,36 @@ def test_activation_count_scales_with_tile_area_and_frames():
     assert activation_elements(cfg, "encode", 17, 256, 256) >= 6 * 128 * 17 * 256 * 256
 
 
+def test_sliced_layers_count_their_input_output_and_slices():
+    cfg = get_preset("cvvae-v1")
+    whole = activation_elements(cfg, "decode", 17, 256, 256)
+    assert activation_elements(cfg, "decode", 17, 256, 256, slice_elements=whole) == whole  # no layer is above it
+    sliced = activation_elements(cfg, "decode", 17, 256, 256, slice_elements=(64 << 20) // 4)
+    level0 = 128 * 17 * 256 * 256  # a decoder activation at full resolution
+    # a level-0 resnet holds its input and output, plus 4 slices of 2 frames (2 x 17 x 64 MiB / 544 MiB >= 64 MiB)
+    assert sliced >= 2 * level0 + 4 * 2 * level0 // 17
+    assert sliced < whole / 2
+
+
+def test_the_torch_backend_is_estimated_sliced_unless_slicing_is_off(tiny_v1):
+    from cvvae.plan import slice_bytes
+
+    cfg = get_preset("cvvae-v1")
+    plan = make_plan(PlanSettings(16, 256, 0.25), 17, 720, 1280)
+    whole, sliced = (estimate_memory(cfg, plan, "decode", sliced=s) for s in (False, True))
+    assert sliced.total < whole.total and sliced.weights == whole.weights and sliced.io == whole.io
+    with slice_bytes(None):  # CVVAE_SLICE_BYTES=0
+        assert estimate_memory(cfg, plan, "decode", sliced=True) == whole
+    small = make_plan(PlanSettings(16, 64, 0.25), 17, 64, 64)  # no tensor reaches a slice: the whole-layer figure
+    assert estimate_memory(cfg, small, "decode", sliced=True) == estimate_memory(cfg, small, "decode")
+    assert VideoVAE(TorchBackend(tiny_v1)).sliced
+    # under the same budget the sliced estimate keeps tiles at least as large
+    settings = PlanSettings.from_config(cfg)
+    tile = {s: fit_plan(cfg, settings, 17, 720, 1280, 6 * GIB, ("decode",), sliced=s)[0].tile_size
+            for s in (False, True)}
+    assert tile[True] > tile[False]
+
+
 def test_estimate_of_the_full_size_720p_decode():
     cfg = get_preset("cvvae-v1")
     plan = make_plan(PlanSettings.from_config(cfg), 17, 720, 1280)
