@@ -101,6 +101,18 @@ def test_load_auto_records_the_choice_in_latents(x):
     assert latents.metadata["precision_requested"] == "auto"
 
 
+def test_load_auto_on_a_bf16_cpu_trusts_the_recorded_default_model(monkeypatch):
+    import cvvae.precision
+
+    monkeypatch.setattr(cvvae.precision, "cpu_flags", lambda *a: SAPPHIRE)
+    vae = VideoVAE.load(precision="auto")  # the shipped default model: its bf16 accuracy is recorded
+    recorded = recorded_bf16_psnr(vae.backend.identity["model_sha256"])
+    assert recorded is not None and recorded >= MIN_BF16_PSNR_DB
+    assert not isinstance(vae.backend, Bf16Guard) and vae.backend.precision == "bf16"
+    assert not vae.precision_choice.check_first_tile
+    assert vae.precision_choice.reason.endswith(f"bf16 accuracy recorded for this checkpoint ({recorded:.1f} dB vs fp32)")
+
+
 def test_load_auto_on_a_bf16_cpu_guards_an_unrecorded_checkpoint(monkeypatch, x):
     import cvvae.precision
 
