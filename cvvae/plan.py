@@ -323,13 +323,19 @@ def slice_bytes(limit: int | None) -> Iterator[None]:
         _slice_limit[0] = saved
 
 
+def slice_step(frames: int, size: int, limit: int) -> int:
+    """Frames per slice of a tensor of ``size`` (bytes or elements) over ``frames`` frames, for slices of about
+    ``limit`` (same unit): what :func:`frame_slices` runs and the memory estimate counts."""
+    return max(1, math.ceil(frames * limit / size))
+
+
 def frame_slices(frames: int, tensor_bytes: int) -> Slices | None:
     """Ranges of output frames, each of them about :func:`slice_limit` bytes of a ``tensor_bytes`` tensor with
     ``frames`` frames; ``None`` when the tensor is small enough (or has one frame) and runs whole."""
     limit = slice_limit()
     if limit <= 0 or frames <= 1 or tensor_bytes <= limit:
         return None
-    step = max(1, math.ceil(frames * limit / tensor_bytes))
+    step = slice_step(frames, tensor_bytes, limit)
     return [(j, min(j + step, frames)) for j in range(0, frames, step)]
 
 
@@ -407,8 +413,7 @@ def _layer(whole: int, held: int, biggest: int, frames: int, slice_elements: int
     output) plus :data:`SLICE_TEMPORARIES` slices."""
     if slice_elements is None or frames <= 1 or biggest <= slice_elements:
         return whole
-    step = math.ceil(frames * slice_elements / biggest)
-    return held + SLICE_TEMPORARIES * step * math.ceil(biggest / frames)
+    return held + SLICE_TEMPORARIES * slice_step(frames, biggest, slice_elements) * math.ceil(biggest / frames)
 
 
 def activation_elements(cfg: ModelConfig, direction: str, frames: int, height: int, width: int, *,

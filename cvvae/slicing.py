@@ -9,8 +9,9 @@ time, each slice gathering the input frames its temporal kernel reaches (the hal
 the whole tensor would be padded. The result equals the unsliced layer up to float rounding.
 
 Only in pure inference (:func:`cvvae.blocks.inference_inplace`: no autograd, tracing or export, so the ONNX graphs
-and training are untouched) and only for tensors above :data:`cvvae.plan.SLICE_BYTES`; smaller ones run whole as before. Which frames form a
-slice is decided with the chunk/tile plan (:func:`cvvae.plan.frame_slices`), whose memory estimate counts it.
+and training are untouched) and only for tensors above :data:`cvvae.plan.SLICE_BYTES`; smaller ones run whole as
+before. Which frames form a slice is decided with the chunk/tile plan (:func:`cvvae.plan.frame_slices`), whose memory
+estimate counts it.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class SharedExports:
             model = (load_model(golden_dir("public-v1-tiny") / "checkpoint") if source == "golden-v1"
                      else create_model(source, seed=0))
             out = self.root / f"{source}-{'-'.join(precisions)}"
-            export_model(model, out, ExportConfig(precisions=key[1], verify=False))
+            export_model(model, out, ExportConfig(precisions=precisions, verify=False))
             self.made[key] = out, self.digest(out)
         return self.made[key][0]
 

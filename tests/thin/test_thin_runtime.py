@@ -30,7 +30,7 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
-def golden_export(golden_v1, shared_exports) -> Path:
+def golden_export(shared_exports) -> Path:
     """An ONNX export of the golden v1 checkpoint: $CVVAE_GOLDEN_EXPORT (made by .ci/run), else made here."""
     given = os.environ.get("CVVAE_GOLDEN_EXPORT")
     if given:
