@@ -15,6 +15,7 @@ sums, per-frame convs as 1xkxk 3D convs, and large full-resolution layers run a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -141,6 +142,18 @@ def sliced_conv(conv: nn.Module) -> SlicedConv | None:
     return None
 
 
+def frame_sliced(x: torch.Tensor, describe: Callable[[], SlicedConv | None],
+                 channels_out: int | None = None) -> tuple[SlicedConv, slicing.Slices] | None:
+    """How to run a layer on ``x`` a few frames at a time (:mod:`cvvae.slicing`): its conv as a time window
+    (``describe()``) and the output slices; ``None`` runs the layer whole (not pure inference, a conv without a
+    sliced form, or a tensor small enough). ``channels_out`` sizes the slices by the output when it is larger."""
+    if not inference_inplace():
+        return None
+    conv = describe()
+    slices = None if conv is None else slicing.output_slices(x, conv.window, channels_out)
+    return None if slices is None else (conv, slices)
+
+
 class ResnetBlock3D(nn.Module):
     """Half-3D residual block (spec 2.5): conv1 is 3D, conv2 is per-frame 2D; GroupNorm spans time.
 
@@ -164,12 +177,9 @@ class ResnetBlock3D(nn.Module):
             self.add_module(shortcut_name, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if plan := frame_sliced(x, lambda: sliced_conv(self.conv1), self.conv1.out_channels):
+            return self._forward_sliced(x, *plan)
         inplace = inference_inplace()
-        if inplace:
-            conv1 = sliced_conv(self.conv1)
-            slices = None if conv1 is None else slicing.output_slices(x, conv1.window, self.conv1.out_channels)
-            if slices is not None:
-                return self._forward_sliced(x, conv1, slices)
         h = self.conv1(silu(self.norm1(x), inplace))
         h = self.conv2(silu(self.norm2(h), inplace))
         shortcut = getattr(self, self.shortcut_name, None)
@@ -295,11 +305,8 @@ class Downsample3D(nn.Module):
                           lambda xs: F.conv3d(pad_space(xs, 0, 1, 0, 1, "zeros"), w, b, st))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if inference_inplace():
-            conv = self.sliced()
-            slices = None if conv is None else slicing.output_slices(x, conv.window)
-            if slices is not None:
-                return slicing.map_frames(x, conv, slices)
+        if plan := frame_sliced(x, self.sliced):
+            return slicing.map_frames(x, *plan)
         if self.variant == "v1":
             x = repeat_edge_frames(pad_space(x, 0, 1, 0, 1, "zeros"), front=2)
         return self.conv(x)
@@ -340,14 +347,9 @@ class Upsample3D(nn.Module):
         return y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if inference_inplace():
-            conv = self.sliced()
-            slices = None
-            if conv is not None:
-                per_frame = 4 * x[0, 0, 0].numel() * x.element_size() * x.shape[0] * self.conv.out_channels
-                slices = slicing.frame_slices(x.shape[2], per_frame * x.shape[2])
-            if slices is not None:
-                return self._forward_sliced(x, conv, slices)
+        # sized by the conv's output, which has 4x the input's pixels (nearest upsampling comes first)
+        if plan := frame_sliced(x, self.sliced, 4 * self.conv.out_channels):
+            return self._forward_sliced(x, *plan)
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         if self.variant == "v1":
             x = repeat_edge_frames(pad_space(x, 1, 1, 1, 1, "zeros"), front=1, back=1)
@@ -397,21 +399,13 @@ def ldm_decoder_forward(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def conv_frames(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, frame-sliced in pure inference when its output is large (the encoder's conv_in: 3 channels in,
     a full-resolution activation out)."""
-    if inference_inplace():
-        sliced = sliced_conv(conv)
-        slices = None if sliced is None else slicing.output_slices(x, sliced.window, conv.out_channels)
-        if slices is not None:
-            return slicing.map_frames(x, sliced, slices)
+    if plan := frame_sliced(x, lambda: sliced_conv(conv), conv.out_channels):
+        return slicing.map_frames(x, *plan)
     return conv(x)
 
 
 def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(silu(norm(x)))``, frame-sliced in pure inference when ``x`` is large (:mod:`cvvae.slicing`)."""
-    inplace = inference_inplace()
-    if inplace:
-        sliced = sliced_conv(conv)
-        slices = None if sliced is None else slicing.output_slices(x, sliced.window)
-        if slices is not None:
-            moments = slicing.Moments.of(x, norm.num_groups)
-            return slicing.map_frames(x, sliced, slices, slicing.GroupNormSiLU(norm, moments))
-    return conv(silu(norm(x), inplace))
+    if plan := frame_sliced(x, lambda: sliced_conv(conv)):
+        return slicing.map_frames(x, *plan, slicing.GroupNormSiLU(norm, slicing.Moments.of(x, norm.num_groups)))
+    return conv(silu(norm(x), inference_inplace()))
