@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cvvae.training.clip_eval import _mean_psnr, evaluate_clip, key_frame_mask, plot_per_frame, summarize, window_starts
+from cvvae.training.clip_eval import (_mean_psnr, evaluate_clip, holds_cut, key_frame_mask, plot_per_frame, scene_cuts,
+                                      summarize, window_starts)
 from cvvae.errors import InputError
 from cvvae.training.image_vae import IMAGE_PRESETS, ImageVAE
 from cvvae.loading import create_model
@@ -67,6 +68,27 @@ def test_evaluate_clip_windows_match_direct_reconstructions(one_thread):
         evaluate_clip(model, clip[:, :, :16])
 
 
+def test_scene_cuts_and_the_worst_window_within_a_shot():
+    g = torch.Generator().manual_seed(0)
+    shot_a = torch.full((1, 3, 12, 8, 8), -0.5) + 0.01 * torch.randn(1, 3, 12, 8, 8, generator=g)
+    shot_b = torch.full((1, 3, 10, 8, 8), 0.6) + 0.01 * torch.randn(1, 3, 10, 8, 8, generator=g)
+    clip = torch.cat([shot_a, shot_b], dim=2)  # frame 12 starts the second shot: 1.1 apart, 11.2 dB
+    assert scene_cuts(clip) == [12] and scene_cuts(shot_a) == [] and scene_cuts(clip[:, :, :1]) == []
+    assert scene_cuts(clip, threshold=5.0) == []
+    assert holds_cut(9, 9, [12]) and not holds_cut(0, 9, [12]) and not holds_cut(12, 9, [12])
+    assert holds_cut(4, 9, [12]) and not holds_cut(3, 9, [12])  # frames 3-11 end just before the cut
+    windows = [{"start": 0, "psnr": 25.0, "key_psnr": 26.0, "between_psnr": 24.0},
+               {"start": 9, "psnr": 15.0, "key_psnr": 16.0, "between_psnr": 14.0}]
+    other = [{"start": 0, "psnr": 22.0, "key_psnr": 23.0, "between_psnr": 21.0}]
+    s = summarize({"a": {"window": 9, "windows": windows, "cuts": [12]},
+                   "b": {"window": 9, "windows": other, "cuts": []}})
+    assert s["worst_psnr"] == 15.0 and s["worst_window"] == "a frames 9-17" and s["windows_with_cuts"] == 1
+    assert s["worst_psnr_within_shots"] == 22.0 and s["worst_window_within_shots"] == "b frames 0-8"
+    assert "windows_with_cuts" not in summarize({"a": {"window": 9, "windows": windows}})  # cuts unknown
+    every = summarize({"a": {"window": 9, "windows": windows[1:], "cuts": [12]}})
+    assert every["windows_with_cuts"] == 1 and "worst_psnr_within_shots" not in every
+
+
 def test_per_frame_plot_is_a_png(tmp_path):
     r = {"per_frame_psnr": [20.0 + (i % 4 == 0) * 3 for i in range(34)], "window": 17, "mean_psnr": 21.0,
          "frames": 36, "height": 32, "width": 32}
@@ -108,5 +130,8 @@ def test_compat_whole_cli_reports_every_window(tmp_path, one_thread):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     text = CliRunner().invoke(compat_command, args)
     assert text.exit_code == 0 and "1 windows of 17 (3 frames after the last whole window not evaluated)" in text.output
+    # on 24-px frames a white bar moving one column per frame differs by 10.8 dB from frame to frame: every frame
+    # reads as a cut to the PSNR threshold, so the window is marked and no within-shot worst is printed
+    assert out["cuts"] == list(range(1, 20)) and "scene cut" in text.output and "within a shot" not in text.output
     bad = CliRunner().invoke(compat_command, args[:-1] + ["--plot", str(tmp_path / "p.png")])
     assert bad.exit_code == 2 and "--plot needs --whole" in bad.output

@@ -162,7 +162,7 @@ def compat_command(model_path, image_vae_path, clip, frames, height, mapping, wh
 
 
 def _compat_whole(video_vae, image_vae, clip: str, height: int, plot_path: str | None, as_json: bool) -> None:
-    from .clip_eval import evaluate_clip, plot_per_frame, summarize
+    from .clip_eval import evaluate_clip, holds_cut, plot_per_frame, summarize
     from .data import load_eval_clip
 
     x = load_eval_clip(clip, frames=None, height=height)
@@ -178,10 +178,13 @@ def _compat_whole(video_vae, image_vae, clip: str, height: int, plot_path: str |
                "last whole window not evaluated)")
     click.echo("window       PSNR    key  between  image-decoder")
     for w in result["windows"]:
+        cut = "  scene cut" if holds_cut(w["start"], result["window"], result["cuts"]) else ""
         click.echo(f"{w['start']:4d}-{w['start'] + result['window'] - 1:<4d}  {w['psnr']:6.2f} {w['key_psnr']:6.2f} "
-                   f"{w['between_psnr']:7.2f} {w['image_decoder_psnr']:8.2f}")
+                   f"{w['between_psnr']:7.2f} {w['image_decoder_psnr']:8.2f}{cut}")
+    within = (f"worst within a shot {summary['worst_psnr_within_shots']:.2f} dB, "
+              if summary["windows_with_cuts"] and "worst_psnr_within_shots" in summary else "")
     click.echo(f"mean {summary['mean_psnr']:.2f} dB, worst {summary['worst_psnr']:.2f} dB ({summary['worst_window']}), "
-               f"key frames {summary['key_psnr']:.2f} / in-between {summary['between_psnr']:.2f} dB, "
+               f"{within}key frames {summary['key_psnr']:.2f} / in-between {summary['between_psnr']:.2f} dB, "
                f"image decoder {summary['image_decoder_psnr']:.2f} dB")
 
 
