@@ -94,6 +94,14 @@ def test_per_frame_plot_is_a_png(tmp_path):
          "frames": 36, "height": 32, "width": 32}
     path = plot_per_frame("clip", {"model": r}, tmp_path / "plots" / "clip.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    marked = plot_per_frame("clip", {"model": {**r, "cuts": [10, 30, 35]}}, tmp_path / "plots" / "cuts.png")
+    import matplotlib.image
+
+    def reddish(png):  # pixels of the red cut lines (the model's line and dots are blue, the grid grey)
+        rgb = matplotlib.image.imread(png)[..., :3]
+        return int(((rgb[..., 0] - rgb[..., 1]) > 0.25).sum())
+
+    assert reddish(path) == 0 and reddish(marked) > 200  # the cuts inside the 34 plotted frames are drawn
 
 
 def test_compat_whole_cli_reports_every_window(tmp_path, one_thread):

@@ -157,7 +157,7 @@ def summarize(per_clip: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def plot_per_frame(name: str, results: dict[str, dict[str, Any]], path: Path) -> Path:
     """PNG of per-frame PSNR over the evaluated frames of one clip, one line per model (``label -> result``),
-    key frames marked, window borders dotted. Written atomically."""
+    key frames marked, window borders dotted, scene cuts (the results' ``cuts``) in red. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,6 +174,8 @@ def plot_per_frame(name: str, results: dict[str, dict[str, Any]], path: Path) ->
     first = next(iter(results.values()))
     for start in range(first["window"], len(first["per_frame_psnr"]), first["window"]):
         ax.axvline(start - 0.5, color="0.8", lw=0.6, ls=":")
+    for k, cut in enumerate(c for c in first.get("cuts", []) if c < len(first["per_frame_psnr"])):
+        ax.axvline(cut - 0.5, color="tab:red", lw=0.8, alpha=0.5, label="scene cut" if k == 0 else None)
     ax.set_xlabel(f"frame ({first['window']}-frame windows; dots: latent key frames 0, 4, 8, ... of each window)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"{name}: {first['frames']} frames at {first['height']}x{first['width']}, per-frame PSNR")
