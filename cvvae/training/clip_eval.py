@@ -132,6 +132,10 @@ def summarize(per_clip: dict[str, dict[str, Any]]) -> dict[str, Any]:
     windows = [(name, w) for name, r in per_clip.items() for w in r["windows"]]
     if not windows:
         raise InputError("no windows to summarize")
+
+    def label(name: str, w: dict[str, Any]) -> str:
+        return f"{name} frames {w['start']}-{w['start'] + per_clip[name]['window'] - 1}"
+
     out: dict[str, Any] = {"windows": len(windows)}
     if all("psnr" in w for _, w in windows) and all("cuts" in r for r in per_clip.values()):
         within = [(name, w) for name, w in windows
@@ -139,14 +143,11 @@ def summarize(per_clip: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["windows_with_cuts"] = len(windows) - len(within)
         if within:
             name, worst = min(within, key=lambda nw: nw[1]["psnr"])
-            out.update(worst_psnr_within_shots=worst["psnr"],
-                       worst_window_within_shots=f"{name} frames {worst['start']}-"
-                                                 f"{worst['start'] + per_clip[name]['window'] - 1}")
+            out.update(worst_psnr_within_shots=worst["psnr"], worst_window_within_shots=label(name, worst))
     if all("psnr" in w for _, w in windows):
         worst_name, worst = min(windows, key=lambda nw: nw[1]["psnr"])
         out.update(mean_psnr=sum(w["psnr"] for _, w in windows) / len(windows), worst_psnr=worst["psnr"],
-                   worst_window=f"{worst_name} frames {worst['start']}-"
-                                f"{worst['start'] + per_clip[worst_name]['window'] - 1}",
+                   worst_window=label(worst_name, worst),
                    key_psnr=sum(w["key_psnr"] for _, w in windows) / len(windows),
                    between_psnr=sum(w["between_psnr"] for _, w in windows) / len(windows))
         out["key_minus_between_db"] = out["key_psnr"] - out["between_psnr"]
