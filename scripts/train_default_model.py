@@ -184,6 +184,7 @@ def do_eval(args: argparse.Namespace) -> None:
     found = {k: p for k, p in found.items()
              if p.is_file() or (p / "config.json").exists() or (p / "checkpoint.pt").exists()}
     clips = {name: load_eval_clip(name, frames=None, height=args.eval_height) for name in EVAL_CLIPS}
+    cuts = {name: scene_cuts(clip) for name, clip in clips.items()}  # from the input alone, once per clip
     cache_dir = root / "eval-cache"
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "image_vae": str(image_dir), "models": {}}
@@ -203,8 +204,8 @@ def do_eval(args: argparse.Namespace) -> None:
                         for name, clip in clips.items()}
             _write_atomic(cached, json.dumps(per_clip) + "\n")
             log.info("eval %s: %.1f min", key, (time.monotonic() - t0) / 60)
-        for name, clip in clips.items():  # from the input alone (results cached before cuts were recorded lack them)
-            per_clip[name]["cuts"] = scene_cuts(clip)
+        for name in clips:  # results cached before cuts were recorded lack them
+            per_clip[name]["cuts"] = cuts[name]
         summary = summarize(per_clip)
         results["models"][key] = {**info, "path": str(path), "sha256": digest, "summary": summary,
                                   "clips": per_clip}

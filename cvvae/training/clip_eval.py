@@ -137,13 +137,6 @@ def summarize(per_clip: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return f"{name} frames {w['start']}-{w['start'] + per_clip[name]['window'] - 1}"
 
     out: dict[str, Any] = {"windows": len(windows)}
-    if all("psnr" in w for _, w in windows) and all("cuts" in r for r in per_clip.values()):
-        within = [(name, w) for name, w in windows
-                  if not holds_cut(w["start"], per_clip[name]["window"], per_clip[name]["cuts"])]
-        out["windows_with_cuts"] = len(windows) - len(within)
-        if within:
-            name, worst = min(within, key=lambda nw: nw[1]["psnr"])
-            out.update(worst_psnr_within_shots=worst["psnr"], worst_window_within_shots=label(name, worst))
     if all("psnr" in w for _, w in windows):
         worst_name, worst = min(windows, key=lambda nw: nw[1]["psnr"])
         out.update(mean_psnr=sum(w["psnr"] for _, w in windows) / len(windows), worst_psnr=worst["psnr"],
@@ -151,6 +144,13 @@ def summarize(per_clip: dict[str, dict[str, Any]]) -> dict[str, Any]:
                    key_psnr=sum(w["key_psnr"] for _, w in windows) / len(windows),
                    between_psnr=sum(w["between_psnr"] for _, w in windows) / len(windows))
         out["key_minus_between_db"] = out["key_psnr"] - out["between_psnr"]
+        if all("cuts" in r for r in per_clip.values()):
+            within = [(name, w) for name, w in windows
+                      if not holds_cut(w["start"], per_clip[name]["window"], per_clip[name]["cuts"])]
+            out["windows_with_cuts"] = len(windows) - len(within)
+            if within:
+                name, worst = min(within, key=lambda nw: nw[1]["psnr"])
+                out.update(worst_psnr_within_shots=worst["psnr"], worst_window_within_shots=label(name, worst))
     if all("image_decoder_psnr" in w for _, w in windows):
         out["image_decoder_psnr"] = sum(w["image_decoder_psnr"] for _, w in windows) / len(windows)
     return out
