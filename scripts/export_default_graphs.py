@@ -15,24 +15,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="fp32,fp16", help="Comma list (fp32 is always included).")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="Model folder whose onnx/ to write (default: the shipped cvvae/weights/default).")
     args = parser.parse_args(argv)
 
-    from cvvae.default_model import DEFAULT_GRAPHS, DEFAULT_MODEL_DIR
+    from cvvae.default_model import DEFAULT_MODEL_DIR
     from cvvae.export.to_onnx import ExportConfig, export_model
     from cvvae.loading import load_model
 
-    model = load_model(DEFAULT_MODEL_DIR)
+    model_dir = args.model or DEFAULT_MODEL_DIR
+    graphs = model_dir / "onnx"
+    model = load_model(model_dir)
     config = ExportConfig(precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()))
-    manifest = export_model(model, DEFAULT_GRAPHS, config, overwrite=True, on_progress=print)
+    manifest = export_model(model, graphs, config, overwrite=True, on_progress=print)
     for component, entry in manifest.components.items():
         for precision, graph in entry.files.items():
             print(f"{component} {precision}: {graph.path}, {graph.size_bytes / 2**20:.1f} MiB")
-    print(f"weights sha256 {manifest.checkpoint['sha256']} -> {DEFAULT_GRAPHS}")
+    print(f"weights sha256 {manifest.checkpoint['sha256']} -> {graphs}")
     return 0
 
 

@@ -208,25 +208,51 @@ def do_eval(args: argparse.Namespace) -> None:
             per_clip[name]["cuts"] = cuts[name]
         summary = summarize(per_clip)
         results["models"][key] = {**info, "path": str(path), "sha256": digest, "summary": summary,
-                                  "clips": per_clip}
+                                  "measured": _utc(cached.stat().st_mtime), "clips": per_clip}
         log.info("eval %-12s %s", key, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in summary.items()))
     decision = ship_decision(results["models"])
     results["decision"] = decision
     log.info("decision: %s", decision["reason"])
     if decision["ship"] and not args.no_ship:
-        from cvvae.loading import save_model
-
-        save_model(models["motion"], args.weights_out, overwrite=True)
-        size_mb = sum(f.stat().st_size for f in args.weights_out.iterdir()) / 2**20
-        if size_mb > WEIGHTS_LIMIT_MB:
-            raise SystemExit(f"{args.weights_out} is {size_mb:.1f} MB, over the {WEIGHTS_LIMIT_MB} MB limit")
-        results["shipped_now"] = {"from": results["models"]["motion"]["source"], "megabytes": round(size_mb, 2)}
+        size_mb = ship_weights(models["motion"], args.weights_out)
+        source = Path(results["models"]["motion"]["source"])
+        results["shipped_now"] = {"from": str(source.relative_to(root) if source.is_relative_to(root) else source),
+                                  "megabytes": round(size_mb, 2)}
         log.info("shipped %s -> %s (%.1f MB)", results["models"]["motion"]["source"], args.weights_out, size_mb)
     _write_atomic(root / "eval.json", json.dumps(results, indent=1) + "\n")
     plots = plot_clips(results, args.model_card.parent / "default-model")
     update_model_card(args.model_card, render_eval_section(results, plots, args))
     log.info("wrote %s, %d plots and %s", root / "eval.json", len(plots), args.model_card)
+
+
+def ship_weights(model, folder: Path) -> float:
+    """Replace the default model's weights in ``folder`` (the repository's cvvae/weights/default: tracked by git,
+    which is the undo) and export its ONNX graphs again, so nothing derived from the weights is left stale; returns
+    the weights' size in MB. The folder also holds the graphs, so the weight files are replaced one by one, each
+    atomically, and only once the new ones are known to fit the size limit."""
+    import shutil
+    import tempfile
+
+    from cvvae.fsutil import atomic_path
+    from cvvae.loading import save_model
+
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-ship-") as staging:
+        staged = save_model(model, Path(staging) / "weights")
+        files = sorted(f for f in staged.iterdir() if not f.name.startswith("."))
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
+        if size_mb > WEIGHTS_LIMIT_MB:
+            raise SystemExit(f"the motion fine-tune's weights are {size_mb:.1f} MB, over the {WEIGHTS_LIMIT_MB} MB "
+                             f"limit: {folder} left unchanged")
+        for f in files:
+            with atomic_path(folder / f.name, overwrite=True) as tmp:
+                shutil.copyfile(f, tmp)
+    export = subprocess.run([sys.executable, str(Path(__file__).with_name("export_default_graphs.py")),
+                             "--model", str(folder)])
+    if export.returncode:
+        raise SystemExit(f"shipped new weights to {folder} but exporting its graphs failed (exit status "
+                         f"{export.returncode}): run scripts/export_default_graphs.py --model {folder}")
+    return size_mb
 
 
 def _state_digest(model) -> str:
@@ -238,6 +264,16 @@ def _state_digest(model) -> str:
         h.update(name.encode())
         h.update(tensor.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _measured(r: dict) -> str:
+    """When the figures were measured: the evaluations' times (a cached one keeps its own), not this run's."""
+    times = sorted({m["measured"] for m in r["models"].values() if "measured" in m}) or [r["date"]]
+    return times[0] if len(times) == 1 else f"{times[0]} to {times[-1]}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -273,7 +309,8 @@ def plot_clips(results: dict, folder: Path) -> dict[str, Path]:
     """One per-frame PSNR plot per clip (the shipped model and the motion fine-tune)."""
     from cvvae.training.clip_eval import plot_per_frame
 
-    labels = {"shipped": "shipped default", "motion": "motion fine-tune", "motion-noreg": "ablation (no reg.)"}
+    labels = {"shipped": "previous default" if "shipped_now" in results else "shipped default",
+              "motion": "motion fine-tune"}
     shown = [k for k in ("shipped", "motion") if k in results["models"]]
     clips = next(iter(results["models"].values()))["clips"]
     return {name: plot_per_frame(name, {labels[k]: results["models"][k]["clips"][name] for k in shown},
@@ -301,14 +338,15 @@ def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespac
     from cvvae.training.data import EVAL_CLIPS
 
     m = r["models"]
-    labels = {"shipped": "shipped default" + (" (before this evaluation shipped the motion fine-tune)"
-                                              if "shipped_now" in r else ""),
+    labels = {"shipped": "previous default" if "shipped_now" in r else "shipped default",
               "video": "stage-2 fine-tune (`video/final`)", "noreg": "stage-2 ablation (`video-noreg/final`)",
               "motion": "motion fine-tune", "motion-noreg": "motion ablation: no latent regularisation"}
 
     def state(k: str) -> str:
         x = m[k]
-        return f"step {x['step']}, {x['elapsed_s'] / 60:.0f} min" if x.get("step") is not None else "final weights"
+        if x.get("step") is not None:
+            return f"step {x['step']}, {x['elapsed_s'] / 60:.0f} min"
+        return "replaced by this evaluation" if k == "shipped" and "shipped_now" in r else "final weights"
 
     def within_shots(s: dict) -> str:
         if "worst_psnr_within_shots" not in s:
@@ -351,11 +389,11 @@ def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespac
                 "A window across a cut reconstructs two shots with shared latents (a 4x temporal VAE is run per shot), "
                 "so the worst window within a shot is shown next to the worst of all; the targets count all windows.")
     figures = "\n".join(f"![{c}: per-frame PSNR]({p.parent.name}/{p.name})" for c, p in plots.items())
-    shipped = (f"This evaluation shipped the motion fine-tune ({r['shipped_now']['from']}, "
+    shipped = (f"This evaluation shipped the motion fine-tune (`{r['shipped_now']['from']}` of the run root, "
                f"{r['shipped_now']['megabytes']:.1f} MB) to `cvvae/weights/default`." if "shipped_now" in r else
                "The shipped weights were left unchanged.")
     return f"""## Held-out evaluation over whole clips (issue 15)
-Measured {r['date']} by `python scripts/train_default_model.py --only eval` (`cvvae.training.clip_eval`): {sizes}.
+Measured {_measured(r)} by `python scripts/train_default_model.py --only eval` (`cvvae.training.clip_eval`): {sizes}.
 Each clip is decoded in full, resized to height {args.eval_height} (the short side; width keeps the aspect in
 multiples of 8), cut into non-overlapping 17-frame windows from frame 0; each window is encoded and decoded whole
 with the model's chunk/tile plan (17 frames are one temporal chunk), fp32, posterior mean. The frames after the last

@@ -48,3 +48,27 @@ def test_model_card_section_is_replaced_between_markers(tmp_path):
 def test_eval_arguments(flag, tmp_path):
     args = tdm.parse_args(["--only", "eval", flag, str(tmp_path / "x.pt"), "--no-ship"])
     assert getattr(args, flag[2:]) == tmp_path / "x.pt" and args.no_ship and args.only == ["eval"]
+
+
+def test_shipping_weights_over_the_size_limit_leaves_the_shipped_folder_unchanged(tmp_path, monkeypatch):
+    from cvvae.loading import load_model
+
+    shipped = tmp_path / "default"
+    (shipped / "onnx").mkdir(parents=True)
+    before = {"config.json": b"{}", "diffusion_pytorch_model.safetensors": b"old", "onnx/manifest.json": b"{}"}
+    for name, data in before.items():
+        (shipped / name).write_bytes(data)
+    monkeypatch.setattr(tdm, "WEIGHTS_LIMIT_MB", 0.001)
+    with pytest.raises(SystemExit, match=r"over the 0.001 MB limit: .*default left unchanged"):
+        tdm.ship_weights(load_model("random:tiny-v1"), shipped)
+    assert {str(f.relative_to(shipped)): f.read_bytes() for f in shipped.rglob("*") if f.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]  # no staging folder left behind
+
+
+def test_card_gives_when_the_figures_were_measured_not_when_they_were_read_from_the_cache():
+    r = {"date": "2026-12-01 06:02 UTC", "models": {"shipped": {"measured": "2026-11-30 16:57 UTC"},
+                                                    "motion": {"measured": "2026-12-01 05:42 UTC"}}}
+    assert tdm._measured(r) == "2026-11-30 16:57 UTC to 2026-12-01 05:42 UTC"
+    r["models"] = {"motion": {"measured": "2026-12-01 05:42 UTC"}}
+    assert tdm._measured(r) == "2026-12-01 05:42 UTC"
+    assert tdm._measured({"date": "2026-12-01 06:02 UTC", "models": {"x": {}}}) == "2026-12-01 06:02 UTC"
