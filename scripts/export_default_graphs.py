@@ -4,9 +4,10 @@
 The torch-free base install runs the default model through ONNX Runtime from ``cvvae/weights/default/onnx/``
 (docs/thin-runtime.md). This script makes that directory from ``cvvae/weights/default`` with the toolkit's exporter
 (``cvvae.export``: verification against the PyTorch reference included); its manifest records the weights' sha256,
-and tests/test_default_graphs.py fails when the weights change without the graphs being exported again:
+and tests/thin/test_default_graphs.py fails when the weights change without the graphs being exported again:
 
     python scripts/export_default_graphs.py            # after retraining the default model (needs the torch extra)
+    python scripts/export_default_graphs.py --model DIR  # another model folder: writes DIR/onnx
 
 The export is written atomically and replaces the previous one.
 """
