@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -72,3 +74,23 @@ def test_card_gives_when_the_figures_were_measured_not_when_they_were_read_from_
     r["models"] = {"motion": {"measured": "2026-12-01 05:42 UTC"}}
     assert tdm._measured(r) == "2026-12-01 05:42 UTC"
     assert tdm._measured({"date": "2026-12-01 06:02 UTC", "models": {"x": {}}}) == "2026-12-01 06:02 UTC"
+
+
+def test_shipping_replaces_the_weight_files_and_exports_graphs_of_the_new_weights(tmp_path):
+    from cvvae.fsutil import sha256_file
+    from cvvae.loading import load_model, save_model
+
+    shipped = save_model(load_model("random:tiny-v1"), tmp_path / "default")
+    old_sha = sha256_file(shipped / "diffusion_pytorch_model.safetensors")
+    new_model = load_model("random:tiny-v1")
+    with torch.no_grad():
+        next(iter(new_model.parameters())).add_(0.5)  # other weights, same architecture
+    size_mb = tdm.ship_weights(new_model, shipped)
+    weights = [shipped / "config.json", shipped / "diffusion_pytorch_model.safetensors"]
+    assert size_mb == pytest.approx(sum(f.stat().st_size for f in weights) / 2**20)
+    new_sha = sha256_file(shipped / "diffusion_pytorch_model.safetensors")
+    manifest = json.loads((shipped / "onnx" / "manifest.json").read_text())
+    assert new_sha != old_sha and manifest["checkpoint"]["sha256"] == new_sha
+    assert {"encoder.onnx", "decoder.onnx"} <= {p.name for p in (shipped / "onnx").iterdir()}
+    reloaded = load_model(shipped)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), new_model.state_dict().values()))
