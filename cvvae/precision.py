@@ -28,8 +28,8 @@ MIN_BF16_PSNR_DB = 45.0  # bf16 vs fp32 on the first tile; below it `auto` falls
 # keyed by the checkpoint's sha256: the lowest per-clip PSNR of the bf16 round trip against the fp32 round trip.
 RECORDED_BF16_PSNR: dict[str, float] = {
     # the shipped default model (cvvae/weights/default: the motion fine-tune, shipped 2026-12-01), measured 2026-12-01:
-    # carphone_pristine 60.5 dB (torch's emulated bf16 on an AVX2 CPU: bf16 weights, activations and results like the
-    # native kernels, ~400x slower)
+    # carphone_pristine 60.5 dB, bikes 62.2 dB (torch's emulated bf16 on an AVX2 CPU: bf16 weights, activations and
+    # results like the native kernels, ~400x slower)
     "aeacfd904fbac58d33394612897550cbb59c1c41dd9f2b465fcd4d0bc774ac90": 60.5,
     # the default model until 2026-12-01 (the stage-3 video fine-tune): carphone_pristine 59.7 dB, bikes 60.3 dB
     "b9374b9dc3668518e9a80fc134ff58bee11d3aa5e1c1df6fe0ae6f85b52ea01b": 59.7,
