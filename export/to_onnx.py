@@ -31,13 +31,20 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__" and not __package__:  # run as a plain script: use the installed package
-    from pathlib import Path as _Path
 
-    _here = _Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _here]
-    from cvvae.export.cli import export_command  # a program on top of the layers (docs/architecture.md)
+    def main() -> None:
+        """``python export/to_onnx.py``: the ``cvvae export`` command, a program on top of the layers; its CLI import
+        sits in a script's main() under the ``__main__`` block, which both layer checks (tests/test_layers.py,
+        ../shared/tools/layers_check.py) leave to programs (docs/architecture.md)."""
+        from pathlib import Path as _Path
 
-    export_command.main(prog_name="to_onnx.py")  # exits with the command's status
+        here = _Path(__file__).resolve().parent  # this folder on sys.path would shadow the package's modules
+        sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != here]
+        from cvvae.export.cli import export_command
+
+        export_command.main(prog_name="to_onnx.py")  # exits with the command's status
+
+    main()
 
 import logging
 import shutil
