@@ -186,7 +186,7 @@ def do_eval(args: argparse.Namespace) -> None:
     clips = {name: load_eval_clip(name, frames=None, height=args.eval_height) for name in EVAL_CLIPS}
     cuts = {name: scene_cuts(clip) for name, clip in clips.items()}  # from the input alone, once per clip
     cache_dir = root / "eval-cache"
-    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    results: dict = {"date": _utc(time.time()),
                      "image_vae": str(image_dir), "models": {}}
     models = {}
     for key, path in found.items():
@@ -305,12 +305,18 @@ def ship_decision(models: dict) -> dict:
     return {"ship": better and compatible, "better": better, "compatible": compatible, "reason": reason}
 
 
+def model_labels(results: dict) -> dict[str, str]:
+    """What the card and the plots call each evaluated model (the shipped one is the previous default once replaced)."""
+    return {"shipped": "previous default" if "shipped_now" in results else "shipped default",
+            "video": "stage-2 fine-tune (`video/final`)", "noreg": "stage-2 ablation (`video-noreg/final`)",
+            "motion": "motion fine-tune", "motion-noreg": "motion ablation: no latent regularisation"}
+
+
 def plot_clips(results: dict, folder: Path) -> dict[str, Path]:
     """One per-frame PSNR plot per clip (the shipped model and the motion fine-tune)."""
     from cvvae.training.clip_eval import plot_per_frame
 
-    labels = {"shipped": "previous default" if "shipped_now" in results else "shipped default",
-              "motion": "motion fine-tune"}
+    labels = model_labels(results)
     shown = [k for k in ("shipped", "motion") if k in results["models"]]
     clips = next(iter(results["models"].values()))["clips"]
     return {name: plot_per_frame(name, {labels[k]: results["models"][k]["clips"][name] for k in shown},
@@ -338,9 +344,7 @@ def render_eval_section(r: dict, plots: dict[str, Path], args: argparse.Namespac
     from cvvae.training.data import EVAL_CLIPS
 
     m = r["models"]
-    labels = {"shipped": "previous default" if "shipped_now" in r else "shipped default",
-              "video": "stage-2 fine-tune (`video/final`)", "noreg": "stage-2 ablation (`video-noreg/final`)",
-              "motion": "motion fine-tune", "motion-noreg": "motion ablation: no latent regularisation"}
+    labels = model_labels(r)
 
     def state(k: str) -> str:
         x = m[k]
