@@ -9,7 +9,8 @@ module settings; temporal replicate padding is written as a concatenation of the
 Slice + Concat and needs no dynamic Pad in ONNX/TensorRT.
 
 Pure inference (:func:`inference_inplace`) may take other paths with the same numbers: in-place SiLU and residual
-sums, per-frame convs as 1xkxk 3D convs, and large full-resolution layers run a few frames at a time
+sums, per-frame convs as 1xkxk 3D convs, the conv after nearest upsampling on the low-resolution frames
+(:mod:`cvvae.subpixel`), and large full-resolution layers run a few frames at a time
 (:mod:`cvvae.slicing`). Training, tracing and export always run the forms written here.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from cvvae import slicing
 from cvvae.slicing import SlicedConv, TimeWindow
+from cvvae.subpixel import nearest_up_conv
 
 PadMode = Literal["zeros", "replicate"]
 
@@ -346,10 +348,23 @@ class Upsample3D(nn.Module):
         b, _, t, h, w = y.shape
         return y.reshape(b, self.factor, -1, t, h, w).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
 
+    def subpixel(self, x: torch.Tensor) -> bool:
+        """Whether to run the conv on the low-resolution frames (:mod:`cvvae.subpixel`): pure inference in float32
+        or float64. Half precisions keep the written form, whose accuracy is what was measured and recorded for them
+        (folded taps would be rounded to 8 or 11 bits once more)."""
+        return inference_inplace() and x.dtype in (torch.float32, torch.float64)
+
+    def _up_conv(self, xs: torch.Tensor) -> torch.Tensor:
+        """Upsample + conv + interleave of low-resolution frames already padded in time, by phase convs."""
+        return nearest_up_conv(xs, self.conv.weight, self.conv.bias, time_factor=self.factor,
+                               pad_mode="zeros" if self.variant == "v1" else self.conv.padding_mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # sized by the conv's output, which has 4x the input's pixels (nearest upsampling comes first)
         if plan := frame_sliced(x, self.sliced, 4 * self.conv.out_channels):
             return self._forward_sliced(x, *plan)
+        if self.subpixel(x):  # both variants pad time by one copy of the edge frame on each side
+            return self._up_conv(repeat_edge_frames(x, front=1, back=1))[:, :, self.factor - 1:]
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         if self.variant == "v1":
             x = repeat_edge_frames(pad_space(x, 1, 1, 1, 1, "zeros"), front=1, back=1)
@@ -359,10 +374,15 @@ class Upsample3D(nn.Module):
         """Upsample a few input frames at a time (with the conv's one-frame halo); with n = 2 the first output frame
         is dropped as in :meth:`forward`."""
         n, out = self.factor, None
+        subpixel = self.subpixel(x)
         for t0, t1 in slices:
-            xs = slicing.gather(x, conv.window, t0, t1,
-                                lambda f: F.interpolate(f, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
-            y = self._interleave(conv.run(xs))
+            if subpixel:
+                xs = slicing.gather(x, conv.window, t0, t1)
+                y = self._up_conv(xs)
+            else:
+                xs = slicing.gather(x, conv.window, t0, t1,
+                                    lambda f: F.interpolate(f, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+                y = self._interleave(conv.run(xs))
             del xs
             if out is None:
                 out = y.new_empty((*y.shape[:2], n * x.shape[2] - (n - 1), *y.shape[3:]))
